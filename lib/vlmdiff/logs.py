@@ -1,0 +1,24 @@
+"""Log lines for workflow jobs: timestamped, flushed, to the rule's log file and stderr."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+def job_logger(log_path: str | Path | None, name: str = "vlmdiff") -> Callable[[str], None]:
+    """A `log(msg)` function; the file is the rule's `log:` so progress shows up there."""
+    logger = logging.getLogger(f"{name}.{log_path}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_path is not None:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_path, mode="w"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+    return logger.info

@@ -1,0 +1,157 @@
+"""Building, saving and loading the toy language model and its LLaVA-style VLM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+try:  # transformers >= 5 names the PIL-only backend explicitly; torchvision is optional here
+    from transformers import CLIPImageProcessorPil as _ImageProcessor
+except ImportError:  # pragma: no cover - older transformers
+    from transformers import CLIPImageProcessor as _ImageProcessor
+
+from vlmdiff.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA when present, else CPU; anything else is passed to torch."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def build_lm(tokenizer: PreTrainedTokenizerFast, cfg: Mapping[str, Any], seed: int) -> LlamaForCausalLM:
+    """A fresh Llama language model sized by the `lm` config section."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_layers"],
+        num_attention_heads=cfg["num_heads"],
+        num_key_value_heads=cfg["num_kv_heads"],
+        max_position_embeddings=cfg["max_position"],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def make_processor(
+    tokenizer: PreTrainedTokenizerFast, image_size: int, patch_size: int
+) -> LlavaProcessor:
+    """A LlavaProcessor whose `<image>` expands to one token per patch (CLS dropped)."""
+    image_processor = _ImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_resize=True,
+        do_center_crop=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+    )
+
+
+def build_vlm(
+    lm: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    vision_cfg: Mapping[str, Any],
+    image_size: int,
+    seed: int,
+) -> LlavaForConditionalGeneration:
+    """Wrap a trained LM with a fresh CLIP vision tower and a 2-layer GELU projector."""
+    torch.manual_seed(seed)
+    vision_config = CLIPVisionConfig(
+        hidden_size=vision_cfg["hidden_size"],
+        intermediate_size=vision_cfg["intermediate_size"],
+        num_hidden_layers=vision_cfg["num_layers"],
+        num_attention_heads=vision_cfg["num_heads"],
+        image_size=image_size,
+        patch_size=vision_cfg["patch_size"],
+        projection_dim=vision_cfg["hidden_size"],
+    )
+    n_patches = (image_size // vision_cfg["patch_size"]) ** 2
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=lm.config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=n_patches,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=vision_cfg["feature_layer"],
+    )
+    vlm = LlavaForConditionalGeneration(config)
+    vlm.model.language_model.load_state_dict(lm.model.state_dict())
+    vlm.lm_head.load_state_dict(lm.lm_head.state_dict())
+    vlm.generation_config.pad_token_id = tokenizer.pad_token_id
+    vlm.generation_config.eos_token_id = tokenizer.eos_token_id
+    return vlm
+
+
+def language_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder blocks of an LM or of a VLM's language backbone."""
+    inner = model.model
+    inner = getattr(inner, "language_model", inner)
+    return inner.layers
+
+
+def save_atomic(obj_list: list[Any], out_dir: Path) -> None:
+    """`save_pretrained` each object into a temporary folder, then move it into place."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for obj in obj_list:
+        obj.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def load_lm(path: Path, device: torch.device | str = "cpu") -> tuple[LlamaForCausalLM, Any]:
+    from transformers import AutoTokenizer
+
+    path = _existing(path)
+    model = LlamaForCausalLM.from_pretrained(path).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def load_vlm(
+    path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    path = _existing(path)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs).to(device).eval()
+    return model, AutoProcessor.from_pretrained(path)
+
+
+def _existing(path: Path) -> Path:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {path}: config.json is missing")
+    return path

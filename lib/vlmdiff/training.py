@@ -1,0 +1,270 @@
+"""Training loops for the toy LM (text pretraining) and the two LLaVA-style VLM stages."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import LlavaProcessor, PreTrainedTokenizerFast
+
+from vlmdiff.tokenizer import user_prompt
+
+IGNORE = -100
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Step-based AdamW with linear warm-up and cosine decay."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    log_every: int = 25
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any]) -> OptimConfig:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
+class Encoded:
+    """Token sequences with per-token labels, plus optional images as float16 pixel values."""
+
+    input_ids: list[torch.Tensor]
+    labels: list[torch.Tensor]
+    pixel_values: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode_corpus(
+    tokenizer: PreTrainedTokenizerFast, corpus: Dataset, max_len: int
+) -> Encoded:
+    """Each scene as one chat: description + first question, then further question turns.
+
+    Pretraining puts the loss on every token, so the LM learns the world's language and not
+    only its answers.
+    """
+    ids, labels = [], []
+    for row in corpus:
+        messages: list[dict] = []
+        for i, (q, a) in enumerate(zip(row["questions"], row["answers"], strict=True)):
+            context = row["description"] if i == 0 else None
+            messages += user_prompt(q, with_image=False, context=context)
+            messages.append({"role": "assistant", "content": a})
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        t = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids[:max_len])
+        ids.append(t)
+        labels.append(t.clone())
+    return Encoded(ids, labels)
+
+
+def prompt_texts(
+    tokenizer: PreTrainedTokenizerFast, questions: Sequence[str], with_image: bool
+) -> list[str]:
+    """Chat-formatted prompts ending where the assistant's answer starts."""
+    return [
+        tokenizer.apply_chat_template(
+            user_prompt(q, with_image=with_image), tokenize=False, add_generation_prompt=True
+        )
+        for q in questions
+    ]
+
+
+def encode_vqa(
+    processor: LlavaProcessor, ds: Dataset, chunk: int = 512, log: Log | None = None
+) -> Encoded:
+    """Prompt (image + question) and answer; the loss falls on the answer and EOS only."""
+    tok = processor.tokenizer
+    ids, labels, pixels = [], [], []
+    for start in range(0, len(ds), chunk):
+        rows = ds[start : start + chunk]
+        prompts = prompt_texts(tok, rows["question"], with_image=True)
+        batch = processor(text=prompts, images=rows["image"], return_tensors="pt", padding=False)
+        pixels.append(batch["pixel_values"].to(torch.float16))
+        for p_ids, answer in zip(batch["input_ids"], rows["multiple_choice_answer"], strict=True):
+            p = torch.as_tensor(p_ids)
+            a = torch.tensor(tok(" " + answer + " " + tok.eos_token, add_special_tokens=False).input_ids)
+            ids.append(torch.cat([p, a]))
+            labels.append(torch.cat([torch.full_like(p, IGNORE), a]))
+        if log:
+            log(f"encoded {min(start + chunk, len(ds))}/{len(ds)} samples")
+    return Encoded(ids, labels, torch.cat(pixels))
+
+
+def batches(
+    data: Encoded, batch_size: int, pad_id: int, seed: int, start_step: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless right-padded mini-batches, reshuffled each epoch."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(data))
+    pos = 0
+    while True:
+        if pos + batch_size > len(order):
+            order, pos = rng.permutation(len(data)), 0
+        idx = order[pos : pos + batch_size]
+        pos += batch_size
+        yield collate(data, idx, pad_id)
+
+
+def collate(data: Encoded, idx: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+    length = max(len(data.input_ids[i]) for i in idx)
+    input_ids = torch.full((len(idx), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(idx), length), IGNORE, dtype=torch.long)
+    attention = torch.zeros((len(idx), length), dtype=torch.long)
+    for row, i in enumerate(idx):
+        n = len(data.input_ids[i])
+        input_ids[row, :n] = data.input_ids[i]
+        labels[row, :n] = data.labels[i]
+        attention[row, :n] = 1
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    if data.pixel_values is not None:
+        out["pixel_values"] = data.pixel_values[torch.as_tensor(idx)].float()
+    return out
+
+
+def train(
+    model: torch.nn.Module,
+    params: Sequence[torch.nn.Parameter],
+    batch_iter: Iterator[dict[str, torch.Tensor]],
+    cfg: OptimConfig,
+    device: torch.device,
+    tag: str,
+    log: Log = print,
+) -> list[dict[str, float]]:
+    """Run `cfg.steps` optimiser steps; returns the logged loss history."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg.warmup_steps, cfg.steps))
+    model.train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    history: list[dict[str, float]] = []
+    t0, running, seen = time.perf_counter(), 0.0, 0
+    for step in range(1, cfg.steps + 1):
+        batch = {k: v.to(device) for k, v in next(batch_iter).items()}
+        with autocast:
+            loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{tag}: loss is {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        running += loss.item()
+        seen += batch["input_ids"].shape[0]
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            elapsed = time.perf_counter() - t0
+            n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+            rate = seen / elapsed
+            eta = (cfg.steps - step) * elapsed / step
+            history.append({"step": step, "loss": running / n, "samples_per_s": rate})
+            log(
+                f"{tag} step {step}/{cfg.steps} loss {running / n:.4f} "
+                f"lr {sched.get_last_lr()[0]:.2e} {rate:.1f} samples/s eta {eta:.0f}s"
+            )
+            running = 0.0
+    model.eval()
+    return history
+
+
+def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def set_stage_trainable(vlm: torch.nn.Module, stage: int, train_vision: bool = True) -> list:
+    """LLaVA's recipe: stage 1 trains the projector (+ our from-scratch tower), stage 2 all."""
+    for p in vlm.parameters():
+        p.requires_grad_(stage == 2)
+    if stage == 1:
+        modules = [vlm.model.multi_modal_projector]
+        if train_vision:
+            modules.append(vlm.model.vision_tower)
+        for m in modules:
+            for p in m.parameters():
+                p.requires_grad_(True)
+    return [p for p in vlm.parameters() if p.requires_grad]
+
+
+def vocabulary_texts(
+    corpus: Dataset, vqa: Dataset, vsr: Dataset, prompts: Sequence[str], scene_cfg: Mapping
+) -> Iterator[str]:
+    """Every text the toy models will meet, so the word-level vocabulary covers it."""
+    for row in corpus:
+        yield row["description"]
+        yield from row["questions"]
+        yield from row["answers"]
+    yield from vqa["question"]
+    yield from vqa["multiple_choice_answer"]
+    yield from vsr["caption"]
+    yield from prompts
+    letters = scene_cfg.get("letters", "abcdefghijklmnopqrstuvwxyz")
+    yield " ".join([*scene_cfg.get("colours", []), *scene_cfg.get("shapes", [])])
+    yield " ".join(letters.lower()) + " " + " ".join(str(i) for i in range(10)) + " yes no"
+
+
+def pretrain_lm(
+    corpus: Dataset,
+    vqa: Dataset,
+    vsr: Dataset,
+    prompts: Sequence[str],
+    scene_cfg: Mapping[str, Any],
+    lm_cfg: Mapping[str, Any],
+    seed: int,
+    device: torch.device,
+    log: Log = print,
+) -> tuple[torch.nn.Module, PreTrainedTokenizerFast, list[dict[str, float]]]:
+    """Build the tokenizer, then train a fresh Llama LM on the scene corpus."""
+    from vlmdiff.models import build_lm
+    from vlmdiff.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(vocabulary_texts(corpus, vqa, vsr, prompts, scene_cfg))
+    log(f"vocabulary: {len(tokenizer)} tokens")
+    data = encode_corpus(tokenizer, corpus, lm_cfg["max_len"])
+    lengths = [len(t) for t in data.input_ids]
+    log(f"corpus: {len(data)} documents, {sum(lengths)} tokens, max length {max(lengths)}")
+    model = build_lm(tokenizer, lm_cfg, seed).to(device)
+    log(f"LM: {sum(p.numel() for p in model.parameters()):,} parameters")
+    ocfg = OptimConfig.from_mapping(lm_cfg["train"])
+    it = batches(data, ocfg.batch_size, tokenizer.pad_token_id, seed)
+    history = train(model, list(model.parameters()), it, ocfg, device, "lm", log)
+    return model, tokenizer, history
+
+
+def train_vlm_stage(
+    vlm: torch.nn.Module,
+    processor: LlavaProcessor,
+    train_ds: Dataset,
+    stage: int,
+    optim_cfg: Mapping[str, Any],
+    seed: int,
+    device: torch.device,
+    log: Log = print,
+) -> list[dict[str, float]]:
+    """One LLaVA training stage on the VQA-layout training split."""
+    data = encode_vqa(processor, train_ds, log=log)
+    params = set_stage_trainable(vlm, stage, optim_cfg.get("train_vision", True))
+    log(f"stage {stage}: {sum(p.numel() for p in params):,} trainable parameters")
+    ocfg = OptimConfig.from_mapping(optim_cfg)
+    it = batches(data, ocfg.batch_size, processor.tokenizer.pad_token_id, seed)
+    vlm.to(device)
+    history = train(vlm, params, it, ocfg, device, f"vlm stage {stage}", log)
+    for p in vlm.parameters():
+        p.requires_grad_(True)
+    return history

@@ -1,0 +1,113 @@
+rule train_lm:
+    """Pretrain the toy Llama LM (and its word-level tokenizer) on the scene corpus."""
+    input:
+        corpus=world_file("corpus"),
+        train=world_file("train"),
+        vsr=world_file("vsr"),
+        neutral_prompts=f"{R}/world/neutral_prompts.json",
+    output:
+        model=directory(f"{R}/models/lm"),
+        history=f"{R}/models/lm_history.csv",
+    params:
+        lm=config["lm"],
+        scene=config["world"]["scene"],
+        seed=config["seed"],
+        device=config["device"],
+    log:
+        f"{LOGS}/train_lm.log",
+    benchmark:
+        f"{BENCH}/train_lm.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=6000,
+        runtime=60,
+        gpu=1,
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/train_lm.py"
+
+
+rule train_vlm_stage1:
+    """LLaVA stage 1: vision tower + projector trained, language model frozen."""
+    input:
+        lm=f"{R}/models/lm",
+        train=world_file("train"),
+    output:
+        model=directory(f"{R}/models/vlm_stage1"),
+        history=f"{R}/models/vlm_stage1_history.csv",
+    params:
+        vision=config["vision"],
+        optim=config["vlm"]["stage1"],
+        image_size=config["world"]["scene"]["image_size"],
+        seed=config["seed"],
+        device=config["device"],
+    log:
+        f"{LOGS}/train_vlm_stage1.log",
+    benchmark:
+        f"{BENCH}/train_vlm_stage1.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=1,
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/train_vlm.py"
+
+
+rule train_vlm_stage2:
+    """LLaVA stage 2: everything trained, the language model included."""
+    input:
+        previous=f"{R}/models/vlm_stage1",
+        train=world_file("train"),
+    output:
+        model=directory(f"{R}/models/vlm_stage2"),
+        history=f"{R}/models/vlm_stage2_history.csv",
+    params:
+        optim=config["vlm"]["stage2"],
+        seed=config["seed"] + 1,
+        device=config["device"],
+    log:
+        f"{LOGS}/train_vlm_stage2.log",
+    benchmark:
+        f"{BENCH}/train_vlm_stage2.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=1,
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/train_vlm.py"
+
+
+rule eval_models:
+    """Held-out accuracy per question family: LM alone (no image), VLM stage 1, VLM stage 2."""
+    input:
+        lm=f"{R}/models/lm",
+        stage1=f"{R}/models/vlm_stage1",
+        stage2=f"{R}/models/vlm_stage2",
+        val=world_file("val"),
+    output:
+        table=f"{R}/models/vlm_eval.csv",
+        plot=f"{R}/models/vlm_eval.png",
+        plot_pdf=f"{R}/models/vlm_eval.pdf",
+    params:
+        batch_size=config["eval"]["batch_size"],
+        device=config["device"],
+    log:
+        f"{LOGS}/eval_models.log",
+    benchmark:
+        f"{BENCH}/eval_models.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=1,
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/eval_models.py"

@@ -1,0 +1,21 @@
+import json
+
+import pandas as pd
+import torch
+
+from vlmdiff.data import load_split
+from vlmdiff.logs import job_logger
+from vlmdiff.models import resolve_device, save_atomic
+from vlmdiff.training import pretrain_lm
+
+log = job_logger(snakemake.log[0])
+torch.set_num_threads(snakemake.threads)
+inp, p = snakemake.input, snakemake.params
+with open(inp.neutral_prompts) as fh:
+    prompts = json.load(fh)
+model, tokenizer, history = pretrain_lm(
+    load_split(inp.corpus), load_split(inp.train), load_split(inp.vsr), prompts,
+    p.scene, p.lm, p.seed, resolve_device(p.device), log,
+)
+save_atomic([model, tokenizer], snakemake.output.model)
+pd.DataFrame(history).to_csv(snakemake.output.history, index=False)
