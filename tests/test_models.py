@@ -1,0 +1,144 @@
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from PIL import Image
+
+from vlmdiff.evaluation import accuracy_table, predict_next_token
+from vlmdiff.models import build_lm, build_vlm, language_layers, load_vlm, make_processor, save_atomic
+from vlmdiff.tokenizer import IMAGE_TOKEN, build_tokenizer, user_prompt
+from vlmdiff.training import (
+    IGNORE,
+    Encoded,
+    OptimConfig,
+    batches,
+    collate,
+    encode_vqa,
+    set_stage_trainable,
+    train,
+)
+
+TEXTS = ["is the red circle left of the blue square ?", "what color is the circle ?",
+         "yes no red blue green circle square triangle"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_config):
+    tok = build_tokenizer(TEXTS)
+    lm = build_lm(tok, tiny_config["lm"], seed=0)
+    size = tiny_config["world"]["scene"]["image_size"]
+    vlm = build_vlm(lm, tok, tiny_config["vision"], size, seed=0)
+    proc = make_processor(tok, size, tiny_config["vision"]["patch_size"])
+    return tok, lm, vlm, proc, size
+
+
+def _images(n, size, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_tokenizer_is_word_level_with_chat_template():
+    tok = build_tokenizer(TEXTS)
+    msgs = user_prompt("Is the red circle left of the blue square?", with_image=True)
+    msgs.append({"role": "assistant", "content": "yes"})
+    ids = tok.apply_chat_template(msgs, tokenize=False)
+    tokens = tok.convert_ids_to_tokens(tok(ids, add_special_tokens=False).input_ids)
+    assert tokens == ["<s>", "<|user|>", IMAGE_TOKEN, "is", "the", "red", "circle", "left", "of",
+                      "the", "blue", "square", "?", "<|assistant|>", "yes", "</s>"]
+    assert tok.convert_tokens_to_ids("purple") == tok.unk_token_id
+
+
+def test_vlm_starts_from_the_lm(tiny):
+    tok, lm, vlm, proc, size = tiny
+    for (name, a), b in zip(lm.model.state_dict().items(),
+                            vlm.model.language_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(lm.lm_head.weight, vlm.lm_head.weight)
+    assert len(language_layers(vlm)) == len(language_layers(lm))
+
+
+def test_processor_expands_image_to_one_token_per_patch(tiny, tiny_config):
+    tok, lm, vlm, proc, size = tiny
+    text = tok.apply_chat_template(user_prompt("what color is the circle ?", True), tokenize=False,
+                                   add_generation_prompt=True)
+    batch = proc(text=[text], images=_images(1, size), return_tensors="pt")
+    n_patches = (size // tiny_config["vision"]["patch_size"]) ** 2
+    assert int((batch["input_ids"] == vlm.config.image_token_id).sum()) == n_patches
+    assert vlm(**batch).logits.shape[1] == batch["input_ids"].shape[1]
+
+
+def test_save_load_generate(tiny, tmp_path):
+    tok, lm, vlm, proc, size = tiny
+    save_atomic([vlm, proc], tmp_path / "vlm")
+    assert not (tmp_path / "vlm.tmp").exists()
+    model, proc2 = load_vlm(tmp_path / "vlm")
+    text = tok.apply_chat_template(user_prompt("what color ?", True), tokenize=False,
+                                   add_generation_prompt=True)
+    batch = proc2(text=[text], images=_images(1, size), return_tensors="pt")
+    out = model.generate(**batch, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 2
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, vlm.eval()(**batch).logits, atol=1e-5)
+
+
+def test_stage1_freezes_language_model(tiny):
+    *_, vlm, _, _ = tiny
+    params = set_stage_trainable(vlm, 1)
+    ids = {id(p) for p in params}
+    assert all(id(p) not in ids for p in vlm.model.language_model.parameters())
+    assert all(id(p) in ids for p in vlm.model.multi_modal_projector.parameters())
+    assert len(set_stage_trainable(vlm, 2)) == len(list(vlm.parameters()))
+
+
+def test_vqa_labels_cover_only_the_answer(tiny):
+    tok, lm, vlm, proc, size = tiny
+    ds = Dataset.from_dict({"question": ["what color is the circle ?"] * 2,
+                            "image": _images(2, size), "multiple_choice_answer": ["red", "blue"]})
+    enc = encode_vqa(proc, ds)
+    labels = enc.labels[1]
+    kept = labels[labels != IGNORE].tolist()
+    assert kept == [tok.convert_tokens_to_ids("blue"), tok.eos_token_id]
+    assert enc.pixel_values.shape == (2, 3, size, size)
+    batch = collate(enc, [0, 1], tok.pad_token_id)
+    assert batch["attention_mask"].sum() == sum(len(x) for x in enc.input_ids)
+
+
+def test_training_fits_a_tiny_task(tiny):
+    tok, *_ = tiny
+    lm = build_lm(tok, {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2,
+                        "num_kv_heads": 1, "max_position": 64}, seed=1)
+    seq = torch.tensor(tok("red blue green circle square", add_special_tokens=False).input_ids)
+    data = Encoded([seq] * 8, [seq] * 8)
+    cfg = OptimConfig(steps=60, batch_size=4, lr=1e-2, warmup_steps=5, log_every=20)
+    hist = train(lm, list(lm.parameters()), batches(data, 4, tok.pad_token_id, 0), cfg,
+                 torch.device("cpu"), "t", log=lambda m: None)
+    assert hist[-1]["loss"] < 0.2 * hist[0]["loss"]
+
+
+def test_nan_loss_stops_with_tag(tiny):
+    tok, *_ = tiny
+    lm = build_lm(tok, {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
+                        "num_kv_heads": 1, "max_position": 64}, seed=1)
+    with torch.no_grad():
+        lm.lm_head.weight.fill_(float("nan"))
+    seq = torch.tensor(tok("red blue", add_special_tokens=False).input_ids)
+    with pytest.raises(FloatingPointError, match="lm-test.*step 1"):
+        train(lm, list(lm.parameters()), batches(Encoded([seq], [seq]), 1, 0, 0),
+              OptimConfig(steps=2, batch_size=1, lr=1e-3), torch.device("cpu"), "lm-test",
+              log=lambda m: None)
+
+
+def test_predictions_and_accuracy_table(tiny):
+    tok, lm, vlm, proc, size = tiny
+    questions = ["what color is the circle ?"] * 4
+    preds = predict_next_token(lm, tok, questions, None, torch.device("cpu"), batch_size=3)
+    assert len(preds) == 4 and len(set(preds)) == 1  # same prompt, same greedy token
+    vpreds = predict_next_token(vlm, tok, questions, _images(4, size), torch.device("cpu"), 3, proc)
+    assert len(vpreds) == 4
+    ds = Dataset.from_dict({"family": ["colour", "colour", "spatial", "spatial"],
+                            "answer_type": ["other", "other", "yes/no", "yes/no"],
+                            "multiple_choice_answer": ["red", "blue", "yes", "no"]})
+    table = accuracy_table(ds, {"m": ["red", "red", "yes", "yes"]})
+    acc = table.set_index("family")["accuracy"]
+    assert acc["colour"] == 0.5 and acc["spatial"] == 0.5 and acc["all"] == 0.5
+    assert table.set_index("family").loc["spatial", "majority_baseline"] == 0.5
