@@ -91,8 +91,8 @@ def encode_vqa(
     for start in range(0, len(ds), chunk):
         rows = ds[start : start + chunk]
         prompts = prompt_texts(tok, rows["question"], with_image=True)
-        batch = processor(text=prompts, images=rows["image"], return_tensors="pt", padding=False)
-        pixels.append(batch["pixel_values"].to(torch.float16))
+        batch = processor(text=prompts, images=rows["image"], padding=False)
+        pixels.append(torch.as_tensor(np.stack(batch["pixel_values"]), dtype=torch.float16))
         for p_ids, answer in zip(batch["input_ids"], rows["multiple_choice_answer"], strict=True):
             p = torch.as_tensor(p_ids)
             a = torch.tensor(tok(" " + answer + " " + tok.eos_token, add_special_tokens=False).input_ids)

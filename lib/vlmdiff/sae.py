@@ -1,0 +1,497 @@
+"""TopK sparse autoencoder stored in the Llama-Scope on-disk layout.
+
+Conventions, matching Llama-Scope so its weights work unchanged:
+
+- Inputs are scaled by a dataset-wise scalar `s = sqrt(d_model) / mean ||x||` before encoding and
+  the reconstruction is divided by `s` again, so `x` and `sae_out` live in the model's units.
+- `b_dec` is *not* subtracted from the input before encoding (Llama-Scope's
+  `apply_decoder_bias_to_pre_encoder: false`); it is only added after decoding.
+- `W_dec` is `[d_model, d_sae]`: column `i` is feature `i`'s direction, kept at unit norm in
+  training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+HYPERPARAMS_FILE = "hyperparams.json"
+WEIGHTS_FILE = "checkpoints/final.safetensors"
+
+# Keys of hyperparams.json that `save` writes itself; `extra` may not override them.
+LAYOUT_KEYS = frozenset(
+    {
+        "d_model",
+        "d_sae",
+        "act_fn",
+        "top_k",
+        "norm_activation",
+        "dataset_average_activation_norm",
+        "hook_point_in",
+        "hook_point_out",
+        "use_decoder_bias",
+        "apply_decoder_bias_to_pre_encoder",
+        "sparsity_include_decoder_norm",
+        "expansion_factor",
+    }
+)
+# Keys of a Llama-Scope hyperparams.json that loading interprets; the rest pass into `extra`.
+_READ_KEYS = LAYOUT_KEYS | {"jump_relu_threshold"}
+
+
+class SAEFormatError(ValueError):
+    """An SAE folder whose hyperparams or tensors do not fit the expected layout."""
+
+
+class EncoderOutput(NamedTuple):
+    top_acts: Tensor
+    """Values of the top-k latents per token, `[n, k]`, non-negative."""
+
+    top_indices: Tensor
+    """Feature indices of the top-k latents per token, `[n, k]`."""
+
+    pre_acts: Tensor
+    """ReLU of the encoder pre-activations for every feature, `[n, d_sae]`."""
+
+
+class ForwardOutput(NamedTuple):
+    sae_out: Tensor
+    """Reconstruction of the input, `[n, d_model]`, in the input's units."""
+
+    latent_acts: Tensor
+    """Activations of the top-k latents, `[n, k]`."""
+
+    latent_indices: Tensor
+    """Indices of the top-k latents, `[n, k]`."""
+
+    fvu: Tensor
+    """Fraction of variance unexplained over the loss-masked tokens."""
+
+    auxk_loss: Tensor
+    """AuxK loss (dead latents predicting the residual), zero when no latent is dead."""
+
+    l0: Tensor
+    """Mean number of non-zero latents per loss-masked token."""
+
+
+class TopKSAE(nn.Module):
+    """`f = TopK(ReLU(W_enc (s x) + b_enc))`, `x_hat = (W_dec f + b_dec) / s`."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_sae: int,
+        k: int,
+        *,
+        norm_factor: float = 1.0,
+        hook_point: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if not 0 < k <= d_sae:
+            raise ValueError(f"k must be in [1, d_sae={d_sae}], got {k}")
+        self.d_model = d_model
+        self.d_sae = d_sae
+        self.k = k
+        self.hook_point = hook_point
+        self.extra: dict[str, Any] = {}
+        """Hyperparams fields this class does not interpret (ours or the release's)."""
+
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.W_enc = nn.Parameter(torch.zeros(d_sae, d_model, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
+        self.W_dec = nn.Parameter(torch.zeros(d_model, d_sae, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(d_model, **kw))
+        self.register_buffer("norm_factor", torch.tensor(float(norm_factor), **kw))
+
+    @classmethod
+    def from_random(
+        cls,
+        d_model: int,
+        d_sae: int,
+        k: int,
+        seed: int,
+        *,
+        norm_factor: float = 1.0,
+        device: str | torch.device = "cpu",
+    ) -> TopKSAE:
+        """Unit-norm random decoder columns, encoder = decoder transpose, zero biases."""
+        sae = cls(d_model, d_sae, k, norm_factor=norm_factor)
+        gen = torch.Generator().manual_seed(seed)
+        w = torch.randn(d_model, d_sae, generator=gen)
+        w /= w.norm(dim=0, keepdim=True)
+        with torch.no_grad():
+            sae.W_dec.copy_(w)
+            sae.W_enc.copy_(w.T)
+        return sae.to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc.dtype
+
+    def encode(self, x: Tensor) -> EncoderOutput:
+        """Top-k of `ReLU(W_enc (s x) + b_enc)` per token; `b_dec` is not subtracted first."""
+        x = x.to(self.dtype) * self.norm_factor
+        pre = F.relu(F.linear(x, self.W_enc, self.b_enc))
+        top_acts, top_indices = pre.topk(self.k, dim=-1, sorted=False)
+        return EncoderOutput(top_acts, top_indices, pre)
+
+    def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+        """`(W_dec f + b_dec) / s` from sparse codes, in the input's units."""
+        return (self._decode_sparse(top_acts, top_indices) + self.b_dec) / self.norm_factor
+
+    def _decode_sparse(self, acts: Tensor, indices: Tensor) -> Tensor:
+        """`W_dec f` for codes given as (values, indices) `[n, j]`."""
+        if acts.is_cuda:
+            # Gathering j columns per token avoids materialising [n, d_sae] codes.
+            return F.embedding_bag(indices, self.W_dec.T, per_sample_weights=acts, mode="sum")
+        # On CPU embedding_bag is several times slower than a dense product, whose
+        # [n, d_sae] codes are no larger than the pre-activations the encoder already made.
+        codes = acts.new_zeros(acts.shape[0], self.d_sae).scatter(1, indices, acts)
+        return codes @ self.W_dec.T
+
+    def dense_acts(self, x: Tensor) -> Tensor:
+        """Feature activations `[n, d_sae]`, zero outside each token's top-k."""
+        top_acts, top_indices, _ = self.encode(x)
+        dense = top_acts.new_zeros(top_acts.shape[0], self.d_sae)
+        return dense.scatter(1, top_indices, top_acts)
+
+    @torch.no_grad()
+    def feature_directions(self) -> Tensor:
+        """Unit-norm decoder directions, `[d_sae, d_model]` (row `i` is feature `i`)."""
+        w = self.W_dec.T
+        return w / w.norm(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        dead_mask: Tensor | None = None,
+        loss_mask: Tensor | None = None,
+        k_aux: int | None = None,
+    ) -> ForwardOutput:
+        """Encode and decode every token; losses use only the tokens where `loss_mask` is True.
+
+        `dead_mask` (bool `[d_sae]`) marks dead latents for the AuxK loss (Gao et al. 2024,
+        App. B.1): the top `k_aux` (default `d_model // 2`) dead latents of each token
+        reconstruct the residual `x - sae_out`, normalised by the same total variance as the
+        FVU and scaled down by `min(n_dead / k_aux, 1)` as in sparsify.
+        """
+        if x.ndim != 2 or x.shape[1] != self.d_model:
+            raise ValueError(f"expected x of shape [n, {self.d_model}], got {tuple(x.shape)}")
+        x = x.to(self.dtype)
+        top_acts, top_indices, pre_acts = self.encode(x)
+        sae_out = self.decode(top_acts, top_indices)
+
+        if loss_mask is not None:
+            if loss_mask.dtype != torch.bool or loss_mask.shape != x.shape[:1]:
+                raise ValueError(
+                    f"loss_mask must be bool of shape [{x.shape[0]}], "
+                    f"got {loss_mask.dtype} {tuple(loss_mask.shape)}"
+                )
+            x_sel, out_sel = x[loss_mask], sae_out[loss_mask]
+            pre_sel, acts_sel = pre_acts[loss_mask], top_acts[loss_mask]
+        else:
+            x_sel, out_sel, pre_sel, acts_sel = x, sae_out, pre_acts, top_acts
+
+        err = x_sel - out_sel
+        total_variance = (x_sel - x_sel.mean(0)).pow(2).sum()
+        fvu_ = err.pow(2).sum() / total_variance
+
+        n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
+        if n_dead > 0 and x_sel.shape[0] > 0:
+            assert dead_mask is not None
+            k_aux = k_aux if k_aux is not None else self.d_model // 2
+            scale = min(n_dead / k_aux, 1.0)
+            aux_pre = pre_sel.masked_fill(~dead_mask, -torch.inf)
+            aux_acts, aux_indices = aux_pre.topk(min(k_aux, n_dead), dim=-1, sorted=False)
+            # No decoder bias here: the dead latents model the residual, which has no offset.
+            err_hat = self._decode_sparse(aux_acts, aux_indices) / self.norm_factor
+            auxk_loss = scale * (err_hat - err.detach()).pow(2).sum() / total_variance
+        else:
+            auxk_loss = fvu_.new_zeros(())
+
+        return ForwardOutput(sae_out, top_acts, top_indices, fvu_, auxk_loss, l0(acts_sel))
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        eps = torch.finfo(self.W_dec.dtype).eps
+        self.W_dec /= self.W_dec.norm(dim=0, keepdim=True) + eps
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        """Project each decoder column's gradient onto the column's orthogonal complement."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(dim=0, keepdim=True)
+        self.W_dec.grad -= parallel * self.W_dec
+
+    def save(
+        self,
+        folder: str | Path,
+        extra: dict[str, Any] | None = None,
+        *,
+        hook_point: str | None = None,
+    ) -> None:
+        """Write `hyperparams.json` and `checkpoints/final.safetensors`, replacing `folder` whole.
+
+        `extra` fields are merged into `hyperparams.json` on top of `self.extra`. The hook point
+        is `hook_point`, else `self.hook_point`, else `blocks.{extra["layer"]}.hook_resid_post`.
+        """
+        folder = Path(folder)
+        extra = {**self.extra, **(extra or {})}
+        clash = sorted(LAYOUT_KEYS & extra.keys())
+        if clash:
+            raise ValueError(f"extra fields {clash} would overwrite layout keys")
+        hook = hook_point or self.hook_point
+        if hook is None and "layer" in extra:
+            hook = f"blocks.{extra['layer']}.hook_resid_post"
+        if hook is None:
+            raise ValueError("no hook point: pass hook_point= or extra={'layer': L}")
+
+        in_norm = math.sqrt(self.d_model) / float(self.norm_factor)
+        hyperparams: dict[str, Any] = {
+            "d_model": self.d_model,
+            "d_sae": self.d_sae,
+            "act_fn": "topk",
+            "top_k": self.k,
+            "norm_activation": "dataset-wise",
+            "dataset_average_activation_norm": {"in": in_norm, "out": in_norm},
+            "hook_point_in": hook,
+            "hook_point_out": hook,
+            "use_decoder_bias": True,
+            "apply_decoder_bias_to_pre_encoder": False,
+            "sparsity_include_decoder_norm": False,
+            **extra,
+        }
+        if self.d_sae % self.d_model == 0:
+            hyperparams["expansion_factor"] = self.d_sae // self.d_model
+        tensors = {
+            "encoder.weight": self.W_enc,
+            "encoder.bias": self.b_enc,
+            "decoder.weight": self.W_dec,
+            "decoder.bias": self.b_dec,
+        }
+        tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            (tmp / "checkpoints").mkdir(parents=True)
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            (tmp / HYPERPARAMS_FILE).write_text(json.dumps(hyperparams, indent=2) + "\n")
+            _replace_dir(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        k: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> TopKSAE:
+        """Read an SAE folder (ours or a Llama-Scope release); `k` overrides the stored `top_k`."""
+        folder = Path(folder)
+        hp_path = folder / HYPERPARAMS_FILE
+        if not hp_path.is_file():
+            raise FileNotFoundError(f"SAE folder {folder}: {HYPERPARAMS_FILE} is missing")
+        try:
+            raw = json.loads(hp_path.read_text())
+        except json.JSONDecodeError as e:
+            raise SAEFormatError(f"{hp_path}: not valid JSON ({e})") from e
+        spec = parse_hyperparams(raw, hp_path, k=k)
+        tensors = _read_tensors(folder / WEIGHTS_FILE, spec.d_model, spec.d_sae)
+
+        if spec.fold_decoder_norm:
+            # Sparsity was measured on acts * ||column||: moving the column norms into the
+            # encoder leaves unit columns and gives the same top-k and the same reconstruction.
+            col_norm = tensors["decoder.weight"].norm(dim=0)
+            if bool((col_norm == 0).any()):
+                raise SAEFormatError(f"{folder / WEIGHTS_FILE}: decoder.weight has zero columns")
+            tensors["encoder.weight"] = tensors["encoder.weight"] * col_norm[:, None]
+            tensors["encoder.bias"] = tensors["encoder.bias"] * col_norm
+            tensors["decoder.weight"] = tensors["decoder.weight"] / col_norm
+
+        sae = cls(
+            spec.d_model,
+            spec.d_sae,
+            spec.k,
+            norm_factor=spec.norm_factor,
+            hook_point=spec.hook_point,
+            dtype=dtype,
+        )
+        sae.extra = spec.extra
+        with torch.no_grad():
+            sae.W_enc.copy_(tensors["encoder.weight"])
+            sae.b_enc.copy_(tensors["encoder.bias"])
+            sae.W_dec.copy_(tensors["decoder.weight"])
+            sae.b_dec.copy_(tensors["decoder.bias"])
+        return sae.to(device)
+
+
+@dataclass
+class SAESpec:
+    """What `TopKSAE.load` needs from a hyperparams.json, whatever release wrote it."""
+
+    d_model: int
+    d_sae: int
+    k: int
+    norm_factor: float
+    hook_point: str | None
+    fold_decoder_norm: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_hyperparams(raw: dict[str, Any], source: Path, *, k: int | None = None) -> SAESpec:
+    """Interpret a hyperparams.json dict; the one place that knows the releases' conventions.
+
+    Ours: `act_fn: "topk"`. Llama-Scope: `act_fn: "jumprelu"` is re-instantiated as TopK with
+    `k` (or its stored `top_k`), dropping the JumpReLU threshold, and with
+    `sparsity_include_decoder_norm` the decoder column norms are folded into the encoder.
+    """
+
+    def get(key: str) -> Any:
+        if key not in raw:
+            raise SAEFormatError(f"{source}: key {key!r} is missing")
+        return raw[key]
+
+    def positive_int(key: str) -> int:
+        value = get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise SAEFormatError(f"{source}: {key!r} must be a positive integer, got {value!r}")
+        return value
+
+    d_model, d_sae = positive_int("d_model"), positive_int("d_sae")
+
+    act_fn = get("act_fn")
+    if act_fn not in ("topk", "jumprelu"):
+        raise SAEFormatError(f"{source}: act_fn {act_fn!r} is not supported (topk, jumprelu)")
+    if k is None:
+        if "top_k" not in raw:
+            raise SAEFormatError(f"{source}: key 'top_k' is missing; pass k= to choose one")
+        k = positive_int("top_k")
+    if not 0 < k <= d_sae:
+        raise SAEFormatError(f"{source}: k={k} is outside [1, d_sae={d_sae}]")
+
+    norm = raw.get("norm_activation", "none")
+    if norm == "dataset-wise":
+        norms = get("dataset_average_activation_norm")
+        try:
+            n_in, n_out = float(norms["in"]), float(norms["out"])
+        except (TypeError, KeyError, ValueError) as e:
+            raise SAEFormatError(
+                f"{source}: 'dataset_average_activation_norm' needs numbers 'in' and 'out', "
+                f"got {norms!r}"
+            ) from e
+        if not (n_in > 0 and math.isfinite(n_in)):
+            raise SAEFormatError(f"{source}: dataset_average_activation_norm.in={n_in}")
+        # One scalar serves both sides; true for resid_post -> resid_post SAEs.
+        if not math.isclose(n_in, n_out, rel_tol=1e-5):
+            raise SAEFormatError(
+                f"{source}: dataset_average_activation_norm in={n_in} != out={n_out}; "
+                "SAEs with different input and output norms are not supported"
+            )
+        norm_factor = math.sqrt(d_model) / n_in
+    elif norm == "none":
+        norm_factor = 1.0
+    else:
+        raise SAEFormatError(
+            f"{source}: norm_activation {norm!r} is not supported (dataset-wise, none)"
+        )
+
+    if raw.get("apply_decoder_bias_to_pre_encoder", False):
+        raise SAEFormatError(f"{source}: apply_decoder_bias_to_pre_encoder=true is not supported")
+    hook_in, hook_out = (
+        raw.get("hook_point_in"),
+        raw.get("hook_point_out", raw.get("hook_point_in")),
+    )
+    if hook_in != hook_out:
+        raise SAEFormatError(f"{source}: hook_point_in {hook_in!r} != hook_point_out {hook_out!r}")
+
+    return SAESpec(
+        d_model=d_model,
+        d_sae=d_sae,
+        k=k,
+        norm_factor=norm_factor,
+        hook_point=hook_in,
+        fold_decoder_norm=bool(raw.get("sparsity_include_decoder_norm", False)),
+        extra={key: v for key, v in raw.items() if key not in _READ_KEYS},
+    )
+
+
+def _read_tensors(path: Path, d_model: int, d_sae: int) -> dict[str, Tensor]:
+    """The four layout tensors as float32, each checked against the hyperparams' shapes."""
+    expected = {
+        "encoder.weight": (d_sae, d_model),
+        "encoder.bias": (d_sae,),
+        "decoder.weight": (d_model, d_sae),
+        "decoder.bias": (d_model,),
+    }
+    if not path.is_file():
+        raise FileNotFoundError(f"SAE weights {path} are missing")
+    out = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        present = set(f.keys())
+        for name, shape in expected.items():
+            if name not in present:
+                raise SAEFormatError(f"{path}: tensor {name!r} is missing (has {sorted(present)})")
+            t = f.get_tensor(name)
+            if tuple(t.shape) != shape:
+                raise SAEFormatError(
+                    f"{path}: tensor {name!r} has shape {tuple(t.shape)}, but hyperparams.json "
+                    f"(d_model={d_model}, d_sae={d_sae}) implies {shape}"
+                )
+            out[name] = t.float()
+    return out
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move `src` to `dst`; an existing `dst` is swapped out first, so no half folder shows."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def estimate_norm_factor(activations: Tensor) -> float:
+    """`s = sqrt(d_model) / mean ||x||` over the rows of `activations` `[n, d_model]`."""
+    norms = activations.double().norm(dim=-1)
+    mean = float(norms.mean())
+    if not (mean > 0 and math.isfinite(mean)):
+        raise ValueError(f"cannot estimate a norm factor: mean activation norm is {mean}")
+    return math.sqrt(activations.shape[-1]) / mean
+
+
+def fvu(x: Tensor, x_hat: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Squared error over squared deviation from the mean, over the rows where `mask` is True."""
+    if mask is not None:
+        x, x_hat = x[mask], x_hat[mask]
+    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+
+
+def l0(latent_acts: Tensor) -> Tensor:
+    """Mean number of non-zero latents per token (last dimension)."""
+    return (latent_acts > 0).sum(-1).float().mean()
