@@ -14,10 +14,50 @@ R = f"results/{RUN}"
 LOGS = f"{R}/logs"
 BENCH = f"{R}/benchmarks"
 WORLD_SPLITS = ["train", "val", "spatial", "ocr", "vsr", "corpus"]
+CACHE_SPLITS = ["corpus", "train", "val", "spatial", "ocr"]
+LAYERS = list(range(config["lm"]["num_layers"]))
+REGIMES = config["sae"]["regimes"]
+SHARDS = list(range(config["cache"]["shards"]))
 
 
 def world_file(split):
     return f"{R}/world/{split}.parquet"
+
+
+def cache_stores(model, split):
+    return expand(f"{R}/cache/{model}/{split}/shard{{shard}}.zarr", shard=SHARDS)
+
+
+def cache_model_dir(wildcards):
+    return f"{R}/models/lm" if wildcards.model == "lm" else f"{R}/models/vlm_stage2"
+
+
+def cache_split_file(wildcards):
+    return world_file(wildcards.split)
+
+
+def cache_mode(wildcards):
+    return "text" if wildcards.model == "lm" else "vqa"
+
+
+def cache_text_source(wildcards):
+    return "corpus" if wildcards.split == "corpus" else "questions"
+
+
+def cache_max_samples(wildcards):
+    return config["cache"]["max_samples"].get(wildcards.split, 0)
+
+
+def cache_shard(wildcards):
+    return [int(wildcards.shard), config["cache"]["shards"]]
+
+
+def adapt_checkpoint_dir(wildcards):
+    return f"{R}/sae/{wildcards.regime}/layer_{wildcards.layer}.checkpoint"
+
+
+def regime_sae_dirs(wildcards):
+    return expand(f"{R}/sae/{wildcards.regime}/layer_{{layer}}", layer=LAYERS)
 
 
 def all_targets():
@@ -25,4 +65,8 @@ def all_targets():
         f"{R}/world/summary.json",
         f"{R}/models/vlm_eval.csv",
         f"{R}/models/vlm_eval.png",
+        f"{R}/figures/fig1_fvu_adaptation.png",
+        f"{R}/figures/fig5_decoder_cosine.png",
+        f"{R}/figures/fig6_fvu_per_layer.png",
+        f"{R}/tables/sae_adaptation.csv",
     ]

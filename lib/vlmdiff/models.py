@@ -35,7 +35,12 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def build_lm(tokenizer: PreTrainedTokenizerFast, cfg: Mapping[str, Any], seed: int) -> LlamaForCausalLM:
+def build_lm(
+    tokenizer: PreTrainedTokenizerFast,
+    cfg: Mapping[str, Any],
+    seed: int,
+    attn_implementation: str = "eager",
+) -> LlamaForCausalLM:
     """A fresh Llama language model sized by the `lm` config section."""
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -50,6 +55,7 @@ def build_lm(tokenizer: PreTrainedTokenizerFast, cfg: Mapping[str, Any], seed: i
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        attn_implementation=attn_implementation,
     )
     return LlamaForCausalLM(config)
 
@@ -83,6 +89,7 @@ def build_vlm(
     vision_cfg: Mapping[str, Any],
     image_size: int,
     seed: int,
+    attn_implementation: str = "eager",
 ) -> LlavaForConditionalGeneration:
     """Wrap a trained LM with a fresh CLIP vision tower and a 2-layer GELU projector."""
     torch.manual_seed(seed)
@@ -105,6 +112,7 @@ def build_vlm(
         vision_feature_select_strategy="default",
         vision_feature_layer=vision_cfg["feature_layer"],
     )
+    config._attn_implementation = attn_implementation
     vlm = LlavaForConditionalGeneration(config)
     vlm.model.language_model.load_state_dict(lm.model.state_dict())
     vlm.lm_head.load_state_dict(lm.lm_head.state_dict())
@@ -133,21 +141,38 @@ def save_atomic(obj_list: list[Any], out_dir: Path) -> None:
     os.replace(tmp, out_dir)
 
 
-def load_lm(path: Path, device: torch.device | str = "cpu") -> tuple[LlamaForCausalLM, Any]:
+def load_lm(
+    path: Path, device: torch.device | str = "cpu", attn_implementation: str | None = "eager"
+) -> tuple[LlamaForCausalLM, Any]:
+    """The LM and its tokenizer. Eager attention by default: on CPU it beats SDPA for these
+    sizes, and attention-level analyses need the attention weights."""
     from transformers import AutoTokenizer
 
     path = _existing(path)
-    model = LlamaForCausalLM.from_pretrained(path).to(device).eval()
+    kwargs = _kwargs(attn_implementation, None)
+    model = LlamaForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)
 
 
 def load_vlm(
-    path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    path: Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = "eager",
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     path = _existing(path)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
+    kwargs = _kwargs(attn_implementation, dtype)
     model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs).to(device).eval()
     return model, AutoProcessor.from_pretrained(path)
+
+
+def _kwargs(attn_implementation: str | None, dtype: torch.dtype | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return kwargs
 
 
 def _existing(path: Path) -> Path:

@@ -1,0 +1,148 @@
+rule train_base_sae:
+    """Base SAE for one layer of the language model (the Llama-Scope analog), random init."""
+    input:
+        train=cache_stores("lm", "corpus"),
+        val=cache_stores("lm", "val"),
+    output:
+        sae=directory(f"{R}/sae/base/layer_{{layer}}"),
+        history=f"{R}/sae/base/layer_{{layer}}.history.csv",
+    params:
+        train=config["sae"]["base"],
+        k=config["sae"]["k"],
+        expansion=config["sae"]["expansion"],
+        eval_tokens=config["sae"]["eval_tokens"],
+        seed=config["seed"],
+        device=config["device"],
+    wildcard_constraints:
+        layer=r"\d+",
+    log:
+        f"{LOGS}/sae/base_layer_{{layer}}.log",
+    benchmark:
+        f"{BENCH}/sae/base_layer_{{layer}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=120,
+        gpu=1,
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/train_base_sae.py"
+
+
+rule adapt_sae:
+    """Adapt the base SAE of one layer to the VLM's activations under one regime."""
+    input:
+        base=f"{R}/sae/base/layer_{{layer}}",
+        train=cache_stores("vlm", "train"),
+        val=cache_stores("vlm", "val"),
+    output:
+        sae=directory(f"{R}/sae/{{regime}}/layer_{{layer}}"),
+        history=f"{R}/sae/{{regime}}/layer_{{layer}}.history.csv",
+    params:
+        train=config["sae"]["adapt"],
+        k=config["sae"]["k"],
+        eval_tokens=config["sae"]["eval_tokens"],
+        seed=config["seed"],
+        device=config["device"],
+        checkpoint_dir=adapt_checkpoint_dir,
+    wildcard_constraints:
+        regime="full|image|text|random",
+        layer=r"\d+",
+    log:
+        f"{LOGS}/sae/{{regime}}_layer_{{layer}}.log",
+    benchmark:
+        f"{BENCH}/sae/{{regime}}_layer_{{layer}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=120,
+        gpu=1,
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/adapt_sae.py"
+
+
+rule splice_eval:
+    """CE loss recovered and KL with each layer's adapted SAE spliced into the VLM."""
+    input:
+        vlm=f"{R}/models/vlm_stage2",
+        val=world_file("val"),
+        saes=regime_sae_dirs,
+    output:
+        table=f"{R}/sae/{{regime}}/splice.csv",
+    params:
+        samples=config["sae"]["splice"]["samples"],
+        batch_size=config["sae"]["splice"]["batch_size"],
+        layers=LAYERS,
+        seed=config["seed"],
+        device=config["device"],
+    wildcard_constraints:
+        regime="full|image|text|random",
+    log:
+        f"{LOGS}/sae/splice_{{regime}}.log",
+    benchmark:
+        f"{BENCH}/sae/splice_{{regime}}.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=1,
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/splice_eval.py"
+
+
+rule decoder_cosine:
+    """Per-feature cosine between base and adapted decoder columns, every layer and regime."""
+    input:
+        base=expand(f"{R}/sae/base/layer_{{layer}}", layer=LAYERS),
+        adapted=expand(f"{R}/sae/{{regime}}/layer_{{layer}}", regime=REGIMES, layer=LAYERS),
+    output:
+        netcdf=f"{R}/sae/decoder_cosine.nc",
+    params:
+        layers=LAYERS,
+        regimes=REGIMES,
+    log:
+        f"{LOGS}/sae/decoder_cosine.log",
+    benchmark:
+        f"{BENCH}/sae/decoder_cosine.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/decoder_cosine.py"
+
+
+rule adaptation_figures:
+    """Figures 1, 5, 6 and the adaptation tables."""
+    input:
+        histories=expand(f"{R}/sae/{{regime}}/layer_{{layer}}.history.csv", regime=REGIMES, layer=LAYERS),
+        splice=expand(f"{R}/sae/{{regime}}/splice.csv", regime=REGIMES),
+        cosine=f"{R}/sae/decoder_cosine.nc",
+    output:
+        fig1=f"{R}/figures/fig1_fvu_adaptation.png",
+        fig1_pdf=f"{R}/figures/fig1_fvu_adaptation.pdf",
+        fig5=f"{R}/figures/fig5_decoder_cosine.png",
+        fig5_pdf=f"{R}/figures/fig5_decoder_cosine.pdf",
+        fig6=f"{R}/figures/fig6_fvu_per_layer.png",
+        fig6_pdf=f"{R}/figures/fig6_fvu_per_layer.pdf",
+        summary=f"{R}/tables/fvu_summary.csv",
+        table=f"{R}/tables/sae_adaptation.csv",
+    log:
+        f"{LOGS}/adaptation_figures.log",
+    benchmark:
+        f"{BENCH}/adaptation_figures.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/adaptation_figures.py"

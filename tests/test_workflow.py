@@ -1,0 +1,92 @@
+"""Runs the workflow for real on presets/tiny.yaml and checks what it produced."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from vlmdiff.data import VQA_COLUMNS, load_split
+from vlmdiff.models import load_lm, load_vlm
+from vlmdiff.training import prompt_texts
+
+pytestmark = pytest.mark.workflow
+
+
+def snakemake(root, workdir, *args):
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "-s", str(root / "Snakefile"),
+           "--directory", str(workdir), "--configfile", str(root / "presets/tiny.yaml"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(root, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    proc = snakemake(root, workdir)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return workdir / "results" / "tiny"
+
+
+def test_lint_is_clean(root):
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint", "-s", str(root / "Snakefile"),
+         "--configfile", str(root / "presets/tiny.yaml")],
+        capture_output=True, text=True, cwd=root,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Lints for" not in proc.stdout + proc.stderr
+
+
+def test_world_datasets(tiny_run, tiny_config):
+    sizes = tiny_config["world"]["sizes"]
+    train, val = load_split(tiny_run / "world/train.parquet"), load_split(tiny_run / "world/val.parquet")
+    assert len(train) == sizes["train"] and len(val) == sizes["val"]
+    assert set(VQA_COLUMNS) <= set(train.column_names)
+    spatial = load_split(tiny_run / "world/spatial.parquet")
+    assert 0 < len(spatial) < len(val)
+    assert set(spatial["question_id"]) <= set(val["question_id"])
+    assert not set(train["image_id"]) & set(val["image_id"])
+    vsr = load_split(tiny_run / "world/vsr.parquet")
+    assert {"image", "caption", "label", "relation"} <= set(vsr.column_names)
+    assert val[0]["image"].size == (tiny_config["world"]["scene"]["image_size"],) * 2
+    prompts = json.loads((tiny_run / "world/neutral_prompts.json").read_text())
+    assert prompts == tiny_config["neutral_prompts"]
+
+
+def test_models_load_and_generate(tiny_run, tiny_config):
+    lm, tok = load_lm(tiny_run / "models/lm")
+    assert lm.config.num_hidden_layers == tiny_config["lm"]["num_layers"]
+    val = load_split(tiny_run / "world/val.parquet").select(range(2))
+    for stage in (1, 2):
+        vlm, proc = load_vlm(tiny_run / f"models/vlm_stage{stage}")
+        batch = proc(text=prompt_texts(proc.tokenizer, val["question"], with_image=True),
+                     images=val["image"], return_tensors="pt", padding=True)
+        out = vlm.generate(**batch, max_new_tokens=2, do_sample=False)
+        assert out.shape == (2, batch["input_ids"].shape[1] + 2)
+    # stage 1 freezes the language model: its weights equal the LM's; stage 2 changes them
+    s1, _ = load_vlm(tiny_run / "models/vlm_stage1")
+    s2, _ = load_vlm(tiny_run / "models/vlm_stage2")
+    name = "layers.0.self_attn.q_proj.weight"
+    lm_w = lm.model.state_dict()[name]
+    assert torch.equal(s1.model.language_model.state_dict()[name], lm_w)
+    assert not torch.equal(s2.model.language_model.state_dict()[name], lm_w)
+
+
+def test_eval_table(tiny_run):
+    table = pd.read_csv(tiny_run / "models/vlm_eval.csv")
+    assert set(table["model"]) == {"lm (no image)", "vlm stage 1", "vlm stage 2"}
+    assert {"spatial", "colour", "shape", "count", "existence", "ocr", "all"} <= set(table["family"])
+    assert table["accuracy"].between(0, 1).all()
+    assert (tiny_run / "models/vlm_eval.png").stat().st_size > 0
+    for job in ("world", "train_lm", "train_vlm_stage1", "train_vlm_stage2", "eval_models"):
+        assert (tiny_run / f"benchmarks/{job}.tsv").is_file()
+        assert (tiny_run / f"logs/{job}.log").is_file()
+    assert "step" in (tiny_run / "logs/train_lm.log").read_text()  # progress lines reach the log
+
+
+def test_nothing_left_to_do(root, tiny_run):
+    proc = snakemake(root, tiny_run.parent.parent, "-n")
+    assert proc.returncode == 0
+    assert "Nothing to be done" in proc.stdout + proc.stderr

@@ -1,0 +1,21 @@
+import torch
+
+from vlmdiff.adaptation import adapt, train_config
+from vlmdiff.logs import job_logger
+
+torch.set_num_threads(snakemake.threads)
+p, inp, out, w = snakemake.params, snakemake.input, snakemake.output, snakemake.wildcards
+layer = int(w.layer)
+history = adapt(
+    layer,
+    w.regime,
+    inp.base,
+    inp.train,
+    inp.val,
+    train_config(p.train, p.k, p.seed + layer, p.device),
+    p.eval_tokens,
+    out.sae,
+    p.checkpoint_dir,
+    log=job_logger(snakemake.log[0]),
+)
+history.to_csv(out.history, index=False)
