@@ -22,7 +22,7 @@ rule cache_activations:
         f"{LOGS}/cache/{{model}}_{{split}}_shard{{shard}}.log",
     benchmark:
         f"{BENCH}/cache/{{model}}_{{split}}_shard{{shard}}.tsv"
-    threads: workflow.cores
+    threads: 4
     resources:
         mem_mb=6000,
         runtime=120,

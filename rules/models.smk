@@ -17,7 +17,7 @@ rule train_lm:
         f"{LOGS}/train_lm.log",
     benchmark:
         f"{BENCH}/train_lm.tsv"
-    threads: workflow.cores
+    threads: 4
     resources:
         mem_mb=6000,
         runtime=60,
@@ -39,6 +39,7 @@ rule train_vlm_stage1:
     params:
         vision=config["vision"],
         optim=config["vlm"]["stage1"],
+        scene=config["world"]["scene"],
         image_size=config["world"]["scene"]["image_size"],
         seed=config["seed"],
         device=config["device"],
@@ -46,7 +47,7 @@ rule train_vlm_stage1:
         f"{LOGS}/train_vlm_stage1.log",
     benchmark:
         f"{BENCH}/train_vlm_stage1.tsv"
-    threads: workflow.cores
+    threads: 4
     resources:
         mem_mb=8000,
         runtime=60,
@@ -73,7 +74,7 @@ rule train_vlm_stage2:
         f"{LOGS}/train_vlm_stage2.log",
     benchmark:
         f"{BENCH}/train_vlm_stage2.tsv"
-    threads: workflow.cores
+    threads: 4
     resources:
         mem_mb=8000,
         runtime=60,
@@ -97,12 +98,13 @@ rule eval_models:
         plot_pdf=f"{R}/models/vlm_eval.pdf",
     params:
         batch_size=config["eval"]["batch_size"],
+        scene=config["world"]["scene"],
         device=config["device"],
     log:
         f"{LOGS}/eval_models.log",
     benchmark:
         f"{BENCH}/eval_models.tsv"
-    threads: workflow.cores
+    threads: 4
     resources:
         mem_mb=4000,
         runtime=30,

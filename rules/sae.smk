@@ -84,7 +84,7 @@ rule splice_eval:
         f"{LOGS}/sae/splice_{{regime}}.log",
     benchmark:
         f"{BENCH}/sae/splice_{{regime}}.tsv"
-    threads: workflow.cores
+    threads: 4
     resources:
         mem_mb=4000,
         runtime=60,

@@ -4,7 +4,6 @@ import sys
 
 import pytest
 import yaml
-
 from vlmdiff.config import ConfigError, load_schema, validate_config
 
 

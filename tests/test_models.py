@@ -3,9 +3,15 @@ import pytest
 import torch
 from datasets import Dataset
 from PIL import Image
-
 from vlmdiff.evaluation import accuracy_table, predict_next_token
-from vlmdiff.models import build_lm, build_vlm, language_layers, load_vlm, make_processor, save_atomic
+from vlmdiff.models import (
+    build_lm,
+    build_vlm,
+    language_layers,
+    load_vlm,
+    make_processor,
+    save_atomic,
+)
 from vlmdiff.tokenizer import IMAGE_TOKEN, build_tokenizer, user_prompt
 from vlmdiff.training import (
     IGNORE,

@@ -3,7 +3,6 @@ import pytest
 import torch
 from datasets import Dataset
 from PIL import Image
-
 from vlmdiff.models import build_lm, build_vlm, make_processor
 from vlmdiff.sae import TopKSAE
 from vlmdiff.splice import encode_eval_batch, regime_span, replace_layer_output, splice_metrics

@@ -7,7 +7,6 @@ import sys
 import pandas as pd
 import pytest
 import torch
-
 from vlmdiff.data import VQA_COLUMNS, load_split
 from vlmdiff.models import load_lm, load_vlm
 from vlmdiff.training import prompt_texts
@@ -76,7 +75,8 @@ def test_models_load_and_generate(tiny_run, tiny_config):
 
 def test_eval_table(tiny_run):
     table = pd.read_csv(tiny_run / "models/vlm_eval.csv")
-    assert set(table["model"]) == {"lm (no image)", "vlm stage 1", "vlm stage 2"}
+    assert set(table["model"]) == {"lm (no image)", "lm (text description)", "vlm stage 1",
+                                   "vlm stage 2"}
     assert {"spatial", "colour", "shape", "count", "existence", "ocr", "all"} <= set(table["family"])
     assert table["accuracy"].between(0, 1).all()
     assert (tiny_run / "models/vlm_eval.png").stat().st_size > 0
@@ -90,3 +90,47 @@ def test_nothing_left_to_do(root, tiny_run):
     proc = snakemake(root, tiny_run.parent.parent, "-n")
     assert proc.returncode == 0
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_caches(tiny_run, tiny_config):
+    from vlmdiff.cache import open_cache
+
+    shards = tiny_config["cache"]["shards"]
+    n_val = tiny_config["world"]["sizes"]["val"]
+    samples = set()
+    for shard in range(shards):
+        ds = open_cache(tiny_run / f"cache/vlm/val/shard{shard}.zarr")
+        assert ds.attrs["hook_point"] == "resid_post"
+        assert ds["layer_0"].dtype == "float16"
+        assert ds["is_image"].values.any() and (~ds["is_image"].values).any()
+        samples |= set(ds["sample"].values.tolist())
+    assert samples == set(range(n_val))  # the shards cover the split exactly
+    lm_cache = open_cache(tiny_run / "cache/lm/corpus/shard0.zarr")
+    assert not lm_cache["is_image"].values.any()
+
+
+def test_adaptation_outputs(tiny_run, tiny_config):
+    from vlmdiff.sae import TopKSAE
+
+    layers = range(tiny_config["lm"]["num_layers"])
+    for regime in tiny_config["sae"]["regimes"]:
+        for layer in layers:
+            sae = TopKSAE.load(tiny_run / f"sae/{regime}/layer_{layer}")
+            assert sae.d_model == tiny_config["lm"]["hidden_size"]
+            assert not (tiny_run / f"sae/{regime}/layer_{layer}.checkpoint").exists()
+    table = pd.read_csv(tiny_run / "tables/sae_adaptation.csv")
+    assert len(table) == len(layers) * len(tiny_config["sae"]["regimes"])
+    assert table["ce_loss_recovered"].notna().all()
+    # adapting from the warm start lowers held-out FVU
+    warm = table[table["regime"].isin(["full", "image", "text"])]
+    assert (warm["final_fvu"] < warm["initial_fvu"]).mean() >= 0.75, warm
+    summary = pd.read_csv(tiny_run / "tables/fvu_summary.csv")
+    assert set(summary["regime"]) == set(tiny_config["sae"]["regimes"])
+    for fig in ("fig1_fvu_adaptation", "fig5_decoder_cosine", "fig6_fvu_per_layer"):
+        for ext in ("png", "pdf"):
+            assert (tiny_run / f"figures/{fig}.{ext}").stat().st_size > 1000
+    import xarray as xr
+
+    with xr.open_dataarray(tiny_run / "sae/decoder_cosine.nc") as cos:
+        assert cos.dims == ("regime", "layer", "feature")
+        assert float(abs(cos.sel(regime="random")).mean()) < float(cos.sel(regime="text").mean())

@@ -1,5 +1,4 @@
 import torch
-
 from vlmdiff.adaptation import adapt, train_config
 from vlmdiff.logs import job_logger
 

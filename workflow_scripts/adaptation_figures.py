@@ -1,6 +1,5 @@
 import pandas as pd
 import xarray as xr
-
 from vlmdiff.adaptation import final_table, read_histories, regime_summary
 from vlmdiff.logs import job_logger
 from vlmdiff.plots import fig1_fvu_curves, fig5_decoder_cosine, fig6_fvu_per_layer, save

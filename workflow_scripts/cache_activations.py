@@ -1,5 +1,4 @@
 import torch
-
 from vlmdiff.cache import cache_split
 from vlmdiff.logs import job_logger
 

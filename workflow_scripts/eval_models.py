@@ -1,5 +1,4 @@
 import torch
-
 from vlmdiff.data import load_split
 from vlmdiff.evaluation import evaluate_models
 from vlmdiff.logs import job_logger
@@ -12,7 +11,7 @@ inp, out, p = snakemake.input, snakemake.output, snakemake.params
 device = resolve_device(p.device)
 lm, tokenizer = load_lm(inp.lm, device)
 vlms = {"vlm stage 1": load_vlm(inp.stage1, device), "vlm stage 2": load_vlm(inp.stage2, device)}
-table = evaluate_models(load_split(inp.val), lm, tokenizer, vlms, device, p.batch_size)
+table = evaluate_models(load_split(inp.val), lm, tokenizer, vlms, device, p.batch_size, p.scene)
 table.to_csv(out.table, index=False)
 log("\n" + table.to_string(index=False))
 save(accuracy_bars(table, "Held-out accuracy per question family"), out.plot, out.plot_pdf)

@@ -1,5 +1,4 @@
 import torch
-
 from vlmdiff.logs import job_logger
 from vlmdiff.splice import splice_job
 

@@ -1,5 +1,4 @@
 import torch
-
 from vlmdiff.adaptation import train_base, train_config
 from vlmdiff.logs import job_logger
 

@@ -2,7 +2,6 @@ import json
 
 import pandas as pd
 import torch
-
 from vlmdiff.data import load_split
 from vlmdiff.logs import job_logger
 from vlmdiff.models import resolve_device, save_atomic

@@ -1,6 +1,5 @@
 import pandas as pd
 import torch
-
 from vlmdiff.data import load_split
 from vlmdiff.logs import job_logger
 from vlmdiff.models import build_vlm, load_lm, load_vlm, make_processor, resolve_device, save_atomic
@@ -10,7 +9,7 @@ log = job_logger(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
 inp, p = snakemake.input, snakemake.params
 device = resolve_device(p.device)
-if "lm" in inp.keys():  # stage 1 starts from the pretrained LM
+if hasattr(inp, "lm"):  # stage 1 starts from the pretrained LM
     stage = 1
     lm, tokenizer = load_lm(inp.lm)
     vlm = build_vlm(lm, tokenizer, p.vision, p.image_size, p.seed)
@@ -18,6 +17,9 @@ if "lm" in inp.keys():  # stage 1 starts from the pretrained LM
 else:
     stage = 2
     vlm, processor = load_vlm(inp.previous)
-history = train_vlm_stage(vlm, processor, load_split(inp.train), stage, p.optim, p.seed, device, log)
+history = train_vlm_stage(
+    vlm, processor, load_split(inp.train), stage, p.optim, p.seed, device, log,
+    scene_cfg=p.scene if stage == 1 else None,
+)
 save_atomic([vlm.cpu(), processor], snakemake.output.model)
 pd.DataFrame(history).to_csv(snakemake.output.history, index=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
@@ -21,6 +22,7 @@ def predict_next_token(
     device: torch.device,
     batch_size: int = 128,
     processor=None,
+    contexts: Sequence[str] | None = None,
 ) -> list[str]:
     """Greedy first answer token for each question (answers are single words = single tokens).
 
@@ -31,7 +33,8 @@ def predict_next_token(
     preds: list[str] = []
     for start in range(0, len(questions), batch_size):
         qs = list(questions[start : start + batch_size])
-        texts = prompt_texts(tokenizer, qs, with_image=images is not None)
+        ctx = None if contexts is None else list(contexts[start : start + batch_size])
+        texts = prompt_texts(tokenizer, qs, with_image=images is not None, contexts=ctx)
         if images is not None:
             batch = processor(
                 text=texts, images=list(images[start : start + batch_size]),
@@ -94,10 +97,20 @@ def evaluate_models(
     vlms: Mapping[str, tuple],
     device: torch.device,
     batch_size: int,
+    scene_cfg: Mapping | None = None,
 ) -> pd.DataFrame:
-    """Accuracy table for the LM alone (question only) and each (model, processor) VLM."""
+    """Accuracy table for the LM alone (question only), the LM reading the scene's description
+    instead of the image (what it learnt from text), and each (model, processor) VLM."""
+    from vlmdiff.world import Scene, WorldConfig, describe
+
     questions = val["question"]
     preds = {"lm (no image)": predict_next_token(lm, lm_tokenizer, questions, None, device, batch_size)}
+    if scene_cfg is not None and "scene" in val.column_names:
+        world = WorldConfig.from_mapping(scene_cfg)
+        descriptions = [describe(Scene.from_dict(json.loads(s)), world) for s in val["scene"]]
+        preds["lm (text description)"] = predict_next_token(
+            lm, lm_tokenizer, questions, None, device, batch_size, contexts=descriptions
+        )
     images = val["image"]
     for name, (model, processor) in vlms.items():
         preds[name] = predict_next_token(

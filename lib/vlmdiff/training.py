@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -71,14 +72,21 @@ def encode_corpus(
 
 
 def prompt_texts(
-    tokenizer: PreTrainedTokenizerFast, questions: Sequence[str], with_image: bool
+    tokenizer: PreTrainedTokenizerFast,
+    questions: Sequence[str],
+    with_image: bool,
+    contexts: Sequence[str] | None = None,
 ) -> list[str]:
-    """Chat-formatted prompts ending where the assistant's answer starts."""
+    """Chat-formatted prompts ending where the assistant's answer starts; `contexts` (e.g. a
+    scene's description) go before each question, as in LM pretraining."""
+    contexts = contexts if contexts is not None else [None] * len(questions)
     return [
         tokenizer.apply_chat_template(
-            user_prompt(q, with_image=with_image), tokenize=False, add_generation_prompt=True
+            user_prompt(q, with_image=with_image, context=c),
+            tokenize=False,
+            add_generation_prompt=True,
         )
-        for q in questions
+        for q, c in zip(questions, contexts, strict=True)
     ]
 
 
@@ -101,6 +109,34 @@ def encode_vqa(
         if log:
             log(f"encoded {min(start + chunk, len(ds))}/{len(ds)} samples")
     return Encoded(ids, labels, torch.cat(pixels))
+
+
+CAPTION_PROMPT = "describe the image ."
+
+
+def caption_text(scene_json: str, scene_cfg: Mapping[str, Any]) -> str:
+    """The scene's description with objects in reading order (top to bottom, left to right)."""
+    from vlmdiff.world import Scene, WorldConfig, describe
+
+    scene = Scene.from_dict(json.loads(scene_json))
+    ordered = Scene(tuple(sorted(scene.objects, key=lambda o: (o.y, o.x))), scene.image_size)
+    return describe(ordered, WorldConfig.from_mapping(scene_cfg))
+
+
+def with_captions(ds: Dataset, scene_cfg: Mapping[str, Any]) -> Dataset:
+    """LLaVA stage-1 data: each image paired with its description instead of a question.
+
+    Like LLaVA's feature-alignment stage (image -> caption), this gives the from-scratch
+    vision tower a dense signal in the words the LM learnt in pretraining.
+    """
+    return Dataset.from_dict(
+        {
+            "image": ds["image"],
+            "question": [CAPTION_PROMPT] * len(ds),
+            "multiple_choice_answer": [caption_text(s, scene_cfg) for s in ds["scene"]],
+        },
+        features=None,
+    ).cast_column("image", ds.features["image"])
 
 
 def batches(
@@ -256,8 +292,15 @@ def train_vlm_stage(
     seed: int,
     device: torch.device,
     log: Log = print,
+    scene_cfg: Mapping[str, Any] | None = None,
 ) -> list[dict[str, float]]:
-    """One LLaVA training stage on the VQA-layout training split."""
+    """One LLaVA training stage: stage 1 on captions of the training images (when the stage's
+    config says `captions: true`), stage 2 on the VQA questions."""
+    if optim_cfg.get("captions", False):
+        if scene_cfg is None:
+            raise ValueError(f"stage {stage}: captions need the world's scene config")
+        train_ds = with_captions(train_ds, scene_cfg)
+        log(f"stage {stage}: {len(train_ds)} image-caption pairs, e.g. {train_ds[0]['multiple_choice_answer']!r}")
     data = encode_vqa(processor, train_ds, log=log)
     params = set_stage_trainable(vlm, stage, optim_cfg.get("train_vision", True))
     log(f"stage {stage}: {sum(p.numel() for p in params):,} trainable parameters")
