@@ -177,7 +177,9 @@ def test_open_cache_is_lazy_and_described(vqa_cache, vlm):
     assert not Path(str(vqa_cache) + ".partial").exists()
 
 
-def test_image_subsampling_is_seeded_and_batch_independent(tmp_path, vlm, vqa, processor):
+def test_image_subsampling_is_seeded_and_batch_independent(
+    tmp_path, vqa_cache, vlm, vqa, processor
+):
     def run(name: str, batch_size: int, seed: int) -> dict[str, np.ndarray]:
         write_cache(
             vlm,
@@ -193,10 +195,14 @@ def test_image_subsampling_is_seeded_and_batch_independent(tmp_path, vlm, vqa, p
         return read_all(tmp_path / name)
 
     a, b, c = run("a", 4, seed=1), run("b", 7, seed=1), run("c", 4, seed=2)
+    full = read_all(vqa_cache)
     for s in range(len(vqa)):
-        rows = a["sample"] == s
+        rows, all_rows = a["sample"] == s, full["sample"] == s
         assert a["is_image"][rows].sum() == 5
-        assert (~a["is_image"][rows]).sum() == (a["sample"] == s).sum() - 5
+        text, all_text = rows & ~a["is_image"], all_rows & ~full["is_image"]
+        np.testing.assert_array_equal(a["position"][text], full["position"][all_text])
+        image = a["position"][rows & a["is_image"]]
+        assert set(image) < set(full["position"][all_rows & full["is_image"]])
     for name in ("sample", "position", "token_id", "is_image"):
         np.testing.assert_array_equal(a[name], b[name])
     np.testing.assert_allclose(a["layer_1"], b["layer_1"], atol=ATOL)

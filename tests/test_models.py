@@ -148,3 +148,18 @@ def test_predictions_and_accuracy_table(tiny):
     acc = table.set_index("family")["accuracy"]
     assert acc["colour"] == 0.5 and acc["spatial"] == 0.5 and acc["all"] == 0.5
     assert table.set_index("family").loc["spatial", "majority_baseline"] == 0.5
+
+
+def test_conversation_per_image(tiny):
+    tok, lm, vlm, proc, size = tiny
+    imgs = _images(3, size)
+    ds = Dataset.from_dict({"image_id": [7, 7, 8], "image": [imgs[0], imgs[0], imgs[2]],
+                            "question": ["what color is the circle ?", "is the red circle left ?",
+                                         "what color is the circle ?"],
+                            "multiple_choice_answer": ["red", "yes", "blue"]})
+    enc = encode_vqa(proc, ds)
+    assert len(enc) == 2 and enc.pixel_values.shape[0] == 2  # one conversation per image
+    first = enc.labels[0][enc.labels[0] != IGNORE].tolist()
+    assert tok.convert_ids_to_tokens(first) == ["red", "</s>", "yes", "</s>"]
+    n_image = int((enc.input_ids[0] == vlm.config.image_token_id).sum())
+    assert n_image == (size // 8) ** 2  # the image appears once, before the first question

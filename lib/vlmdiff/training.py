@@ -14,7 +14,7 @@ import torch
 from datasets import Dataset
 from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
-from vlmdiff.tokenizer import user_prompt
+from vlmdiff.tokenizer import ASSISTANT, user_prompt
 
 IGNORE = -100
 Log = Callable[[str], None]
@@ -93,22 +93,64 @@ def prompt_texts(
 def encode_vqa(
     processor: LlavaProcessor, ds: Dataset, chunk: int = 512, log: Log | None = None
 ) -> Encoded:
-    """Prompt (image + question) and answer; the loss falls on the answer and EOS only."""
+    """One conversation per image: the image, then each of its questions as a user turn and
+    its answer as an assistant turn (LLaVA's multi-turn format; the LM was pretrained the same
+    way on descriptions). The loss falls on the answers and their EOS only.
+
+    Consecutive rows with the same `image_id` form one conversation; without that column each
+    row is its own.
+    """
     tok = processor.tokenizer
+    assistant = tok.convert_tokens_to_ids(ASSISTANT)
+    groups = _image_groups(ds["image_id"] if "image_id" in ds.column_names else range(len(ds)))
     ids, labels, pixels = [], [], []
-    for start in range(0, len(ds), chunk):
-        rows = ds[start : start + chunk]
-        prompts = prompt_texts(tok, rows["question"], with_image=True)
-        batch = processor(text=prompts, images=rows["image"], padding=False)
+    for start in range(0, len(groups), chunk):
+        part = groups[start : start + chunk]
+        texts = [
+            tok.apply_chat_template(
+                _conversation(ds["question"][a:b], ds["multiple_choice_answer"][a:b]),
+                tokenize=False,
+            )
+            for a, b in part
+        ]
+        batch = processor(text=texts, images=[ds[a]["image"] for a, _ in part], padding=False)
         pixels.append(torch.as_tensor(np.stack(batch["pixel_values"]), dtype=torch.float16))
-        for p_ids, answer in zip(batch["input_ids"], rows["multiple_choice_answer"], strict=True):
-            p = torch.as_tensor(p_ids)
-            a = torch.tensor(tok(" " + answer + " " + tok.eos_token, add_special_tokens=False).input_ids)
-            ids.append(torch.cat([p, a]))
-            labels.append(torch.cat([torch.full_like(p, IGNORE), a]))
+        for seq in batch["input_ids"]:
+            ids.append(torch.as_tensor(seq))
+            labels.append(torch.as_tensor(_answer_labels(seq, assistant, tok.eos_token_id)))
         if log:
-            log(f"encoded {min(start + chunk, len(ds))}/{len(ds)} samples")
+            log(f"encoded {min(start + chunk, len(groups))}/{len(groups)} conversations")
     return Encoded(ids, labels, torch.cat(pixels))
+
+
+def _answer_labels(seq: Sequence[int], assistant: int, eos: int) -> list[int]:
+    """Token ids after each assistant tag up to and including its EOS; IGNORE elsewhere."""
+    out, inside = [], False
+    for prev, tok_id in zip([None, *seq[:-1]], seq, strict=True):
+        inside = inside or prev == assistant
+        out.append(tok_id if inside else IGNORE)
+        if tok_id == eos:
+            inside = False
+    return out
+
+
+def _image_groups(image_ids: Sequence) -> list[tuple[int, int]]:
+    """[start, end) row ranges of consecutive rows that share an image."""
+    bounds, start = [], 0
+    ids = list(image_ids)
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[start]:
+            bounds.append((start, i))
+            start = i
+    return bounds
+
+
+def _conversation(questions: Sequence[str], answers: Sequence[str]) -> list[dict]:
+    messages: list[dict] = []
+    for i, (q, a) in enumerate(zip(questions, answers, strict=True)):
+        messages += user_prompt(q, with_image=i == 0)
+        messages.append({"role": "assistant", "content": a})
+    return messages
 
 
 CAPTION_PROMPT = "describe the image ."
