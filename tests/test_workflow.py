@@ -60,10 +60,11 @@ def test_models_load_and_generate(tiny_run, tiny_config):
     val = load_split(tiny_run / "world/val.parquet").select(range(2))
     for stage in (1, 2):
         vlm, proc = load_vlm(tiny_run / f"models/vlm_stage{stage}")
-        batch = proc(text=prompt_texts(proc.tokenizer, val["question"], with_image=True),
-                     images=val["image"], return_tensors="pt", padding=True)
+        batch = proc(text=prompt_texts(proc.tokenizer, list(val["question"]), with_image=True),
+                     images=list(val["image"]), return_tensors="pt", padding=True)
         out = vlm.generate(**batch, max_new_tokens=2, do_sample=False)
-        assert out.shape == (2, batch["input_ids"].shape[1] + 2)
+        n = batch["input_ids"].shape[1]
+        assert out.shape[0] == 2 and n < out.shape[1] <= n + 2  # generation may stop at EOS
     # stage 1 freezes the language model: its weights equal the LM's; stage 2 changes them
     s1, _ = load_vlm(tiny_run / "models/vlm_stage1")
     s2, _ = load_vlm(tiny_run / "models/vlm_stage2")
