@@ -103,13 +103,14 @@ def encode_vqa(
     tok = processor.tokenizer
     assistant = tok.convert_tokens_to_ids(ASSISTANT)
     groups = _image_groups(ds["image_id"] if "image_id" in ds.column_names else range(len(ds)))
+    # read the text columns once: indexing `ds[column]` inside the loop re-reads the column
+    questions, answers = list(ds["question"]), list(ds["multiple_choice_answer"])
     ids, labels, pixels = [], [], []
     for start in range(0, len(groups), chunk):
         part = groups[start : start + chunk]
         texts = [
             tok.apply_chat_template(
-                _conversation(ds["question"][a:b], ds["multiple_choice_answer"][a:b]),
-                tokenize=False,
+                _conversation(questions[a:b], answers[a:b]), tokenize=False
             )
             for a, b in part
         ]
