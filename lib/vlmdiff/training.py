@@ -354,3 +354,21 @@ def train_vlm_stage(
     for p in vlm.parameters():
         p.requires_grad_(True)
     return history
+
+
+def start_vlm_stage(
+    lm_dir: str | None,
+    previous_dir: str | None,
+    vision_cfg: Mapping[str, Any] | None,
+    image_size: int | None,
+    seed: int,
+) -> tuple[torch.nn.Module, LlavaProcessor, int]:
+    """Stage 1 builds the VLM around the pretrained LM; stage 2 continues from stage 1."""
+    from vlmdiff.models import build_vlm, load_lm, load_vlm, make_processor
+
+    if lm_dir is not None:
+        lm, tokenizer = load_lm(lm_dir)
+        vlm = build_vlm(lm, tokenizer, vision_cfg, image_size, seed)
+        return vlm, make_processor(tokenizer, image_size, vision_cfg["patch_size"]), 1
+    vlm, processor = load_vlm(previous_dir)
+    return vlm, processor, 2
