@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -35,7 +36,7 @@ def build_tokenizer(texts: Iterable[str], extra_words: Iterable[str] = ()) -> Pr
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1)
     extra = " ".join(extra_words)
-    tok.train_from_iterator(_chain(texts, [extra]), trainer=trainer)
+    tok.train_from_iterator(itertools.chain(texts, [extra]), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token=UNK,
@@ -48,11 +49,6 @@ def build_tokenizer(texts: Iterable[str], extra_words: Iterable[str] = ()) -> Pr
     fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, USER, ASSISTANT]})
     fast.chat_template = CHAT_TEMPLATE
     return fast
-
-
-def _chain(a: Iterable[str], b: Iterable[str]) -> Iterable[str]:
-    yield from a
-    yield from b
 
 
 def user_prompt(question: str, with_image: bool, context: str | None = None) -> list[dict]:
