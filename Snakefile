@@ -17,6 +17,7 @@ include: "rules/world.smk"
 include: "rules/models.smk"
 include: "rules/cache.smk"
 include: "rules/sae.smk"
+include: "rules/features.smk"
 
 
 rule all:

@@ -60,6 +60,55 @@ def regime_sae_dirs(wildcards):
     return expand(f"{R}/sae/{wildcards.regime}/layer_{{layer}}", layer=LAYERS)
 
 
+# Stages 2-3: features
+FEATURE_REGIME = config["features"]["regime"]
+FEATURE_SPLITS = ["val", "spatial", "ocr"]  # D_base, D_sp, D_ocr
+CONTRASTS = ["spatial", "ocr"]
+FEATURE_STATS = expand(f"{R}/features/stats/layer_{{layer}}.nc", layer=LAYERS)
+FEATURE_FIGURES = {
+    "fig2": "fig2_feature_selection",
+    "fig7": "fig7_adapted_per_layer",
+    "fig8": "fig8_threshold_sweep",
+    "fig9": "fig9_firing_frequency",
+    "fig10": "fig10_ocr_features",
+}
+if FEATURE_REGIME not in REGIMES:
+    raise WorkflowError(
+        f"invalid config: features.regime {FEATURE_REGIME!r} is not in sae.regimes {REGIMES}"
+    )
+
+
+def contrast_split_file(wildcards):
+    return world_file(wildcards.contrast)
+
+
+def contrast_thresholds(wildcards):
+    return config["features"][wildcards.contrast]
+
+
+def lexical_prompts(wildcards):
+    """Spatial candidates get the world's neutral prompts; OCR ones their own."""
+    if wildcards.contrast == "spatial":
+        return config["neutral_prompts"]
+    return config["features"][wildcards.contrast]["neutral_prompts"]
+
+
+def figure_outputs(figures):
+    """`{key: png, key_pdf: pdf}` for figures given as `{key: file stem}`."""
+    out = {}
+    for key, stem in figures.items():
+        out[key] = f"{R}/figures/{stem}.png"
+        out[f"{key}_pdf"] = f"{R}/figures/{stem}.pdf"
+    return out
+
+
+def feature_targets():
+    tables = ["features.parquet", "features.csv", "selected_features.csv",
+              "selected_features.parquet", "feature_sets.csv", "threshold_sweep.csv",
+              "ground_truth.csv", "ground_truth_summary.csv"]
+    return [f"{R}/tables/{t}" for t in tables] + list(figure_outputs(FEATURE_FIGURES).values())
+
+
 def all_targets():
     return [
         f"{R}/world/summary.json",
@@ -69,4 +118,5 @@ def all_targets():
         f"{R}/figures/fig5_decoder_cosine.png",
         f"{R}/figures/fig6_fvu_per_layer.png",
         f"{R}/tables/sae_adaptation.csv",
+        *feature_targets(),
     ]

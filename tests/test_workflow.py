@@ -7,6 +7,7 @@ import sys
 import pandas as pd
 import pytest
 import torch
+import yaml
 from vlmdiff.data import VQA_COLUMNS, load_split
 from vlmdiff.models import load_lm, load_vlm
 from vlmdiff.training import prompt_texts
@@ -14,9 +15,10 @@ from vlmdiff.training import prompt_texts
 pytestmark = pytest.mark.workflow
 
 
-def snakemake(root, workdir, *args):
+def snakemake(root, workdir, *args, configfile=None):
+    configfile = configfile or root / "presets/tiny.yaml"
     cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "-s", str(root / "Snakefile"),
-           "--directory", str(workdir), "--configfile", str(root / "presets/tiny.yaml"), *args]
+           "--directory", str(workdir), "--configfile", str(configfile), *args]
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
@@ -135,3 +137,77 @@ def test_adaptation_outputs(tiny_run, tiny_config):
     with xr.open_dataarray(tiny_run / "sae/decoder_cosine.nc") as cos:
         assert cos.dims == ("regime", "layer", "feature")
         assert float(abs(cos.sel(regime="random")).mean()) < float(cos.sel(regime="text").mean())
+
+
+def test_feature_outputs(tiny_run, tiny_config):
+    tables = tiny_run / "tables"
+    features = pd.read_parquet(tables / "features.parquet")
+    d_sae = tiny_config["sae"]["expansion"] * tiny_config["lm"]["hidden_size"]
+    assert len(features) == tiny_config["lm"]["num_layers"] * d_sae
+    assert len(pd.read_csv(tables / "features.csv")) == len(features)
+    assert features[["c_f", "E_v", "p_val", "p_spatial", "or_spatial", "or_ocr"]].notna().all().all()
+    assert 0 < features["adapted"].mean() <= tiny_config["features"]["p_cos"] / 100 + 0.01
+    for c in ("spatial", "ocr"):
+        in_set = features[f"{c}_set"]
+        assert (features.loc[in_set, ["adapted", f"{c}_candidate", f"{c}_lexical_pass"]]).all().all()
+        tested = features[f"{c}_lexical_pass_rate"].notna()
+        assert (tested == features[f"{c}_candidate"]).all()
+    selected = pd.read_csv(tables / "selected_features.csv")
+    assert {"contrast", "rank", "layer", "feature", "odds_ratio"} <= set(selected.columns)
+    assert (selected.groupby("contrast").size() <= tiny_config["features"]["n_selected"]).all()
+    sets = pd.read_csv(tables / "feature_sets.csv").set_index("set")
+    assert sets.loc["adapted", "n_features"] == features["adapted"].sum()
+    empty = sets["n_features"] == 0
+    assert all(str(note).startswith("EMPTY") for note in sets.loc[empty, "note"])
+    sweep = pd.read_csv(tables / "threshold_sweep.csv")
+    op = sweep[sweep["operating_point"]]
+    assert len(op) == 1 and op["jaccard"].iloc[0] == 1
+    truth = pd.read_csv(tables / "ground_truth_summary.csv")
+    assert {"spatial set", "random adapted (for spatial)"} <= set(truth["group"])
+    assert truth["base_rate"].between(0, 1).all()
+    for fig in ("fig2_feature_selection", "fig7_adapted_per_layer", "fig8_threshold_sweep",
+                "fig9_firing_frequency", "fig10_ocr_features"):
+        for ext in ("png", "pdf"):
+            assert (tiny_run / f"figures/{fig}.{ext}").stat().st_size > 1000
+    for job in ("stats_layer_0", "lexical_spatial", "lexical_ocr", "select_features"):
+        assert (tiny_run / f"benchmarks/features/{job}.tsv").is_file()
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """Rule -> number of jobs, from the "Job stats" table a dry run prints."""
+    lines = output.split("Job stats:", 1)[1].splitlines()
+    jobs = {}
+    for line in lines[3:]:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        jobs[parts[0]] = int(parts[1])
+    return jobs
+
+
+SELECTION = {"select_features": 1, "threshold_sweep": 1, "ground_truth": 1, "feature_figures": 1,
+             "all": 1}
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        (("p_cos",), 30, SELECTION),
+        (("eps",), 0.01, SELECTION),
+        # a candidate threshold re-runs that contrast's lexical filter too, never the statistics
+        (("spatial", "min_delta_p"), 0.02, {**SELECTION, "lexical_filter": 1}),
+    ],
+)
+def test_threshold_change_reruns_only_selection(root, tiny_run, tmp_path, key, value, expected):
+    preset = yaml.safe_load((root / "presets/tiny.yaml").read_text())
+    section = preset["features"]
+    for k in key[:-1]:
+        section = section.setdefault(k, {})
+    section[key[-1]] = value
+    changed = tmp_path / "changed.yaml"
+    # keep key order: Snakemake compares params as written, so reordered dicts would count as
+    # changed params of every job
+    changed.write_text(yaml.safe_dump(preset, sort_keys=False))
+    proc = snakemake(root, tiny_run.parent.parent, "-n", configfile=changed)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert planned_jobs(proc.stdout + proc.stderr) == expected

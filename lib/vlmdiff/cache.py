@@ -849,26 +849,43 @@ def _tensors(acts: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Te
     return torch.from_numpy(acts.astype(np.float32)), torch.from_numpy(np.ascontiguousarray(mask))
 
 
-def iter_samples(path: str | Path, layer: int) -> Iterator[SampleBlock]:
-    """Each sample's stored tokens, in store order, read one chunk at a time."""
+def iter_sample_chunks(path: str | Path, layer: int) -> Iterator[dict[str, np.ndarray]]:
+    """Blocks of whole samples, about one chunk each, in store order.
+
+    Each block maps `sample`, `position`, `token_id`, `is_image` and `acts` (`layer_{layer}` as
+    stored) to arrays over the same tokens; a sample that crosses a chunk boundary is held back
+    and starts the next block, so no sample is ever split between two blocks.
+    """
     group = open_store(path)
     acts = layer_array(group, layer, path)
     names = ("sample", "position", "token_id", "is_image")
-    step = acts.chunks[0]
+    step, n = acts.chunks[0], acts.shape[0]
     carry: dict[str, np.ndarray] | None = None
-    for lo in range(0, acts.shape[0], step):
-        hi = min(lo + step, acts.shape[0])
-        block = {n: group[n][lo:hi] for n in names}
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        block = {name: group[name][lo:hi] for name in names}
         block["acts"] = acts[lo:hi]
         if carry is not None:
-            block = {n: np.concatenate([carry[n], block[n]]) for n in block}
+            block = {name: np.concatenate([carry[name], block[name]]) for name in block}
+        if hi == n:
+            carry = None
+        else:
+            # the last sample may go on in the next chunk: hold it back
+            others = np.flatnonzero(block["sample"] != block["sample"][-1])
+            cut = int(others[-1]) + 1 if len(others) else 0
+            carry = {name: v[cut:] for name, v in block.items()}
+            block = {name: v[:cut] for name, v in block.items()}
+        if len(block["sample"]):
+            yield block
+
+
+def iter_samples(path: str | Path, layer: int) -> Iterator[SampleBlock]:
+    """Each sample's stored tokens, in store order, read one chunk at a time."""
+    for block in iter_sample_chunks(path, layer):
         starts = np.flatnonzero(np.diff(block["sample"])) + 1
         bounds = [0, *starts.tolist(), len(block["sample"])]
-        for a, z in zip(bounds[:-2], bounds[1:-1], strict=True):
+        for a, z in zip(bounds[:-1], bounds[1:], strict=True):
             yield _sample_block(block, a, z)
-        carry = {n: v[bounds[-2] :] for n, v in block.items()}
-    if carry is not None and len(carry["sample"]):
-        yield _sample_block(carry, 0, len(carry["sample"]))
 
 
 def _sample_block(block: Mapping[str, np.ndarray], a: int, z: int) -> SampleBlock:

@@ -1,0 +1,44 @@
+"""Writing outputs so that no job leaves a partial file that looks complete."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import xarray as xr
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name beside `path` (same suffix) to write to; renamed to `path` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """`table` as parquet or CSV (by the suffix of `path`), written atomically, no index."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".parquet":
+            table.to_parquet(tmp, index=False)
+        elif path.suffix == ".csv":
+            table.to_csv(tmp, index=False)
+        else:
+            raise ValueError(f"{path}: tables are written as .parquet or .csv")
+    return path
+
+
+def write_netcdf(data: xr.Dataset | xr.DataArray, path: str | os.PathLike) -> Path:
+    """`data.to_netcdf`, written atomically."""
+    with atomic_path(path) as tmp:
+        data.to_netcdf(tmp)
+    return Path(path)

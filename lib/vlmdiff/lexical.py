@@ -1,0 +1,224 @@
+"""The lexical filter: does a candidate feature still fire when its question is replaced?
+
+A feature recruited by spatial questions may only be reading a word ("left"). For each
+candidate we take its top-activating samples, keep the image, replace the question by each
+neutral prompt, re-run the VLM with the adapted SAEs hooked onto the candidates' layers, and
+keep the feature if it still fires on at least a given fraction of (sample, prompt) pairs.
+
+"Fires" means `h_f > 0` on some prompt token: a text token after the image span (the tokens
+that see both the image and the prompt), as for the top-activating samples of the statistics
+pass. The SAEs read each layer's output without replacing it (the hook of `vlmdiff.splice`
+returns its input unchanged), so every candidate is scored on the unmodified VLM even when
+candidates of several layers share one forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from vlmdiff.cache import encode_rows
+from vlmdiff.features import LEXICAL_COLUMNS
+from vlmdiff.sae import TopKSAE
+from vlmdiff.splice import replace_layer_output
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+Log = Callable[[str], None]
+
+
+def prompt_span(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int
+) -> torch.Tensor:
+    """`[batch, seq]` mask of real tokens after each row's last image token (right padding)."""
+    is_image = input_ids == image_token_id
+    position = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    last_image = torch.where(is_image, position, torch.full_like(position, -1)).amax(dim=1)
+    return attention_mask.bool() & ~is_image & (position > last_image[:, None])
+
+
+@torch.no_grad()
+def sample_maxima(
+    model: torch.nn.Module,
+    processor: Any,
+    ds: Dataset,
+    features: Mapping[int, Sequence[int]],
+    saes: Mapping[int, TopKSAE],
+    *,
+    batch_size: int,
+    device: torch.device,
+) -> dict[int, np.ndarray]:
+    """Per layer, `max_t h_f` over each row's prompt tokens: `[len(ds), len(features[layer])]`.
+
+    `ds` has `question` and `image` columns, encoded exactly as for the activation caches.
+    """
+    image_id = model.config.image_token_id
+    out = {layer: np.zeros((len(ds), len(f)), np.float32) for layer, f in features.items()}
+    current: dict[str, Any] = {}
+
+    def recorder(layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        sae, cols = saes[layer], torch.tensor(list(features[layer]), device=device)
+
+        def fn(h: torch.Tensor) -> torch.Tensor:
+            span = current["span"]
+            acts = sae.dense_acts(h[span].to(sae.dtype))[:, cols]
+            rows = torch.nonzero(span)[:, 0]
+            best = acts.new_zeros(span.shape[0], len(cols))
+            best.scatter_reduce_(0, rows[:, None].expand_as(acts), acts, "amax")
+            out[layer][current["lo"] : current["lo"] + span.shape[0]] = best.cpu().numpy()
+            return h
+
+        return fn
+
+    with ExitStack() as hooks:
+        for layer in features:
+            hooks.enter_context(replace_layer_output(model, layer, recorder(layer)))
+        for lo in range(0, len(ds), batch_size):
+            inputs = encode_rows(
+                ds, lo, min(lo + batch_size, len(ds)), mode="vqa", processor=processor
+            )
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            current.update(
+                lo=lo, span=prompt_span(inputs["input_ids"], inputs["attention_mask"], image_id)
+            )
+            model.model(**inputs, use_cache=False)
+    return out
+
+
+def unknown_words(tokenizer: Any, prompts: Sequence[str]) -> dict[str, list[str]]:
+    """Words of each prompt that the tokenizer maps to its unknown token."""
+    unk = tokenizer.unk_token_id
+    found = {}
+    for p in prompts:
+        enc = tokenizer(p, add_special_tokens=False, return_offsets_mapping=True)
+        words = [
+            p[a:b]
+            for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+            if unk is not None and i == unk
+        ]
+        if words:
+            found[p] = words
+    return found
+
+
+def lexical_filter(
+    model: torch.nn.Module,
+    processor: Any,
+    ds: Dataset,
+    samples: Mapping[tuple[int, int], np.ndarray],
+    saes: Mapping[int, TopKSAE],
+    prompts: Sequence[str],
+    *,
+    min_fraction: float,
+    batch_size: int,
+    device: torch.device,
+    log: Log = print,
+) -> pd.DataFrame:
+    """Pass rate under the neutral `prompts` of each (layer, feature) in `samples`.
+
+    `samples` maps a candidate to its top-activating rows of `ds` (a split with `question` and
+    `image`). Each distinct row is run once per prompt, and once with its own question (the
+    `original_rate`, a check that the candidate fired there at all). A candidate passes when
+    it fires on at least `min_fraction` of its (row, prompt) pairs; one without samples fails.
+    """
+    if not samples:
+        return pd.DataFrame(columns=list(LEXICAL_COLUMNS))
+    rows = np.unique(np.concatenate([np.asarray(r, dtype=np.int64) for r in samples.values()]))
+    where = {int(r): i for i, r in enumerate(rows)}
+    features: dict[int, list[int]] = {}
+    for layer, feature in samples:
+        features.setdefault(layer, []).append(feature)
+    column = {key: features[key[0]].index(key[1]) for key in samples}
+    sub = ds.select(rows.tolist()).select_columns(["question", "image"])
+
+    fired = []
+    for i, prompt in enumerate([None, *prompts]):
+        run = sub
+        if prompt is not None:
+            run = sub.remove_columns("question").add_column("question", [prompt] * len(sub))
+        best = sample_maxima(
+            model, processor, run, features, saes, batch_size=batch_size, device=device
+        )
+        fired.append({layer: b > 0 for layer, b in best.items()})
+        log(f"lexical filter: prompt {i}/{len(prompts)} done ({len(sub)} samples)")
+
+    out = []
+    for (layer, feature), picked in samples.items():
+        idx = [where[int(r)] for r in picked]
+        hits = np.array([f[layer][idx, column[(layer, feature)]] for f in fired])  # [1 + P, n]
+        rate = float(hits[1:].mean()) if len(idx) else float("nan")
+        out.append(
+            {
+                "layer": layer,
+                "feature": feature,
+                "n_samples": len(idx),
+                "n_prompts": len(prompts),
+                "original_rate": float(hits[0].mean()) if len(idx) else float("nan"),
+                "pass_rate": rate,
+                "passed": bool(len(idx) and rate >= min_fraction),
+            }
+        )
+    return pd.DataFrame(out, columns=list(LEXICAL_COLUMNS))
+
+
+def lexical_job(
+    vlm_dir: str | Path,
+    split_path: str | Path,
+    stats_paths: Sequence[str | Path],
+    sae_dirs: Mapping[int, str | Path],
+    contrast: str,
+    *,
+    thresholds: Mapping[str, Any],
+    frequency: Mapping[str, Any],
+    prompts: Sequence[str],
+    n_samples: int,
+    min_fraction: float,
+    batch_size: int,
+    device: str,
+    log: Log = print,
+) -> pd.DataFrame:
+    """The workflow's lexical-filter job for one contrast (`spatial` or `ocr`).
+
+    Finds the contrast's candidates from the statistics (`thresholds` on Δp and OR,
+    `frequency`: `tokens`, `smoothing`, `ci_level`), then filters them; loads the VLM only
+    when there are candidates.
+    """
+    from vlmdiff.data import load_split
+    from vlmdiff.features import candidates, feature_statistics, read_statistics, top_samples
+    from vlmdiff.models import load_vlm, resolve_device
+
+    table = feature_statistics(read_statistics(stats_paths), None, **frequency)
+    cands = candidates(table, contrast, thresholds)
+    log(f"{contrast}: {len(cands)} candidates of {len(table)} features")
+    if cands.empty:
+        log(f"{contrast}: no candidates, nothing to filter")
+        return pd.DataFrame(columns=list(LEXICAL_COLUMNS))
+    samples = top_samples(stats_paths, contrast, cands, n_samples)
+    dev = resolve_device(device)
+    model, processor = load_vlm(Path(vlm_dir), dev)
+    for prompt, words in unknown_words(processor.tokenizer, prompts).items():
+        log(f"warning: neutral prompt {prompt!r}: {words} are not in the vocabulary")
+    layers = sorted(int(layer) for layer in cands["layer"].unique())
+    saes = {layer: TopKSAE.load(sae_dirs[layer], device=dev) for layer in layers}
+    verdicts = lexical_filter(
+        model,
+        processor,
+        load_split(split_path),
+        samples,
+        saes,
+        prompts,
+        min_fraction=min_fraction,
+        batch_size=batch_size,
+        device=dev,
+        log=log,
+    )
+    log(f"{contrast}: {int(verdicts['passed'].sum())}/{len(verdicts)} candidates pass")
+    return cands.merge(verdicts, on=["layer", "feature"], how="left")
