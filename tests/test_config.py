@@ -50,6 +50,17 @@ def test_wrong_type_is_named(root, schema):
     assert "vlm.stage2.steps" in _error(copy.deepcopy(cfg), schema)
 
 
+def test_command_line_strings_are_read_as_yaml(schema):
+    # what `snakemake --config lm='{num_layers: 12}' features='{eps: 1e-4}'` hands over
+    cfg = {"lm": {"num_layers": "12"}, "features": {"eps": "1e-4"}, "vlm": {"stage1": {"train_vision": "false"}}}
+    validate_config(cfg, schema)
+    assert cfg["lm"]["num_layers"] == 12 and cfg["features"]["eps"] == 1e-4
+    assert cfg["vlm"]["stage1"]["train_vision"] is False
+    assert "lm.num_layers" in _error({"lm": {"num_layers": "twelve"}}, schema)
+    validate_config(cfg := {"run": "123"}, schema)
+    assert cfg["run"] == "123"  # string keys stay strings
+
+
 def test_bad_value_is_named(schema):
     assert "device" in _error({"device": "gpu-please"}, schema)
     assert "run" in _error({"run": "has space"}, schema)

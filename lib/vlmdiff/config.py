@@ -48,8 +48,28 @@ def _fill_defaults(
         sub = _resolve(sub, root)
         if name not in config and "default" in sub:
             config[name] = copy.deepcopy(sub["default"])
+        if isinstance(config.get(name), str) and _non_string(sub):
+            # `snakemake --config lm='{num_layers: 12}'` passes nested values on as strings
+            config[name] = _parse(config[name])
         if isinstance(config.get(name), MutableMapping) and "properties" in sub:
             _fill_defaults(config[name], sub, root)
+
+
+def _non_string(schema: Mapping[str, Any]) -> bool:
+    types = schema.get("type")
+    types = [types] if isinstance(types, str) else types or []
+    return bool(types) and "string" not in types
+
+
+def _parse(text: str) -> Any:
+    """A command-line string as YAML; `1e-4` too, which YAML 1.1 leaves a string."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return text
+    return value
 
 
 def _resolve(schema: Mapping[str, Any], root: Mapping[str, Any]) -> dict[str, Any]:
