@@ -18,6 +18,7 @@ include: "rules/models.smk"
 include: "rules/cache.smk"
 include: "rules/sae.smk"
 include: "rules/features.smk"
+include: "rules/causal.smk"
 
 
 rule all:

@@ -119,4 +119,45 @@ def all_targets():
         f"{R}/figures/fig6_fvu_per_layer.png",
         f"{R}/tables/sae_adaptation.csv",
         *feature_targets(),
+        *causal_targets(),
     ]
+
+
+# Stage 4: causal experiments (attribution patching, ablation, steering)
+CAUSAL = config["causal"]
+CAUSAL_FIGURES = {
+    "fig12": "fig12_attribution_layers",
+    "fig13": "fig13_attribution_heads",
+    "check": "fig_attribution_vs_patching",
+}
+OVERLAY_FIGURES = {
+    "fig4": "fig4_recurring_head",
+    "fig14": "fig14_attribution_features",
+    "fig15": "fig15_bottom_heads",
+    "fig16": "fig16_custom_queries",
+}
+STEERING_FIGURES = {"steering": "fig_steering_flip_rate"}
+ABLATION_TABLES = {
+    f"{name}_{ext}": f"{R}/tables/{stem}.{ext}"
+    for name, stem in (("table1", "table1_ablation"), ("table2", "table2_ablation_full"))
+    for ext in ("csv", "md", "tex")
+}
+FEATURE_SAES = expand(f"{R}/sae/{FEATURE_REGIME}/layer_{{layer}}", layer=LAYERS)
+
+
+def causal_targets():
+    figures = {**CAUSAL_FIGURES, **OVERLAY_FIGURES, **STEERING_FIGURES}
+    return [
+        f"{R}/causal/attribution.nc",
+        f"{R}/tables/attribution_vs_patching.csv",
+        f"{R}/tables/attribution_top_heads.csv",
+        f"{R}/tables/ablation_runs.csv",
+        f"{R}/tables/steering.csv",
+        *ABLATION_TABLES.values(),
+        *figure_outputs(figures).values(),
+    ]
+
+
+def vsr_template(wildcards):
+    """The VSR question template; a function, since its `{question}` is no wildcard."""
+    return CAUSAL["ablation"]["vsr_template"]

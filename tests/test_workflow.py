@@ -185,8 +185,12 @@ def planned_jobs(output: str) -> dict[str, int]:
     return jobs
 
 
+# the causal jobs read selected_features, so they follow a selection change; the corrupt run's
+# mean image embedding does not
+CAUSAL_JOBS = {"attribution": 1, "attribution_figures": 1, "attention_overlays": 1,
+               "vsr_activations": 1, "ablation": 1, "steering": 1}
 SELECTION = {"select_features": 1, "threshold_sweep": 1, "ground_truth": 1, "feature_figures": 1,
-             "all": 1}
+             "all": 1, **CAUSAL_JOBS}
 
 
 @pytest.mark.parametrize(
@@ -211,3 +215,42 @@ def test_threshold_change_reruns_only_selection(root, tiny_run, tmp_path, key, v
     proc = snakemake(root, tiny_run.parent.parent, "-n", configfile=changed)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert planned_jobs(proc.stdout + proc.stderr) == expected
+
+
+def test_causal_outputs(tiny_run, tiny_config):
+    import xarray as xr
+
+    tables, figures = tiny_run / "tables", tiny_run / "figures"
+    causal = tiny_config["causal"]
+    with xr.open_dataset(tiny_run / "causal/attribution.nc") as ds:
+        assert ds["score"].dims == ("feature", "method", "variant", "layer", "head")
+        assert list(ds["method"].values) == ["A", "B"]
+        assert {"qk", "qk_kv", "output", "qk_atpstar"} <= set(ds["variant"].values)
+        assert ds.sizes["layer"] == tiny_config["lm"]["num_layers"]
+        assert ds.sizes["head"] == tiny_config["lm"]["num_heads"]
+        assert ds.sizes["feature"] <= causal["max_features"]
+        n_features = ds.sizes["feature"]
+        assert bool(abs(ds["score"]).sum() > 0) or n_features == 0
+    check = pd.read_csv(tables / "attribution_vs_patching.csv")
+    assert len(check) == n_features * 3 * 2  # (qk, output, qk_atpstar) x (A, B)
+    assert check["spearman_own_direction"].dropna().between(-1, 1).all()
+    heads = pd.read_csv(tables / "attribution_top_heads.csv")
+    assert len(heads) == n_features
+    runs = pd.read_csv(tables / "ablation_runs.csv")
+    assert set(runs["seed"]) <= set(causal["ablation"]["seeds"])
+    for name in ("table1_ablation", "table2_ablation_full"):
+        table = pd.read_csv(tables / f"{name}.csv")
+        assert table["d_vsr_acc_mean"].is_monotonic_increasing  # ranked by Δ VSR accuracy
+        md = (tables / f"{name}.md").read_text()
+        assert "Δ VSR Acc" in md and ("EMPTY" in md) == table.empty
+        assert r"\begin{tabular}" in (tables / f"{name}.tex").read_text()
+    steering = pd.read_csv(tables / "steering.csv")
+    assert steering["flip_rate"].between(0, 1).all()
+    for fig in ("fig4_recurring_head", "fig12_attribution_layers", "fig13_attribution_heads",
+                "fig14_attribution_features", "fig15_bottom_heads", "fig16_custom_queries",
+                "fig_attribution_vs_patching", "fig_steering_flip_rate"):
+        for ext in ("png", "pdf"):
+            assert (figures / f"{fig}.{ext}").stat().st_size > 1000
+    for job in ("mean_image_embedding", "attribution", "vsr_activations", "ablation",
+                "steering", "attention_overlays", "attribution_figures"):
+        assert (tiny_run / f"benchmarks/causal/{job}.tsv").is_file()
