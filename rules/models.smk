@@ -28,10 +28,41 @@ rule train_lm:
         "../workflow_scripts/train_lm.py"
 
 
+rule pretrain_vision:
+    """Pretrain the CLIP vision tower on per-patch object, letter and position targets (our
+    stand-in for CLIP's web-scale pretraining)."""
+    input:
+        train=world_file("train"),
+    output:
+        model=directory(f"{R}/models/vision"),
+        history=f"{R}/models/vision_history.csv",
+        metrics=f"{R}/models/vision_metrics.json",
+    params:
+        vision=config["vision"],
+        scene=config["world"]["scene"],
+        image_size=config["world"]["scene"]["image_size"],
+        seed=config["seed"],
+        device=config["device"],
+    log:
+        f"{LOGS}/pretrain_vision.log",
+    benchmark:
+        f"{BENCH}/pretrain_vision.tsv"
+    threads: 4
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=1,
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/pretrain_vision.py"
+
+
 rule train_vlm_stage1:
     """LLaVA stage 1: vision tower + projector trained, language model frozen."""
     input:
         lm=f"{R}/models/lm",
+        vision=f"{R}/models/vision",
         train=world_file("train"),
     output:
         model=directory(f"{R}/models/vlm_stage1"),
@@ -68,6 +99,7 @@ rule train_vlm_stage2:
         history=f"{R}/models/vlm_stage2_history.csv",
     params:
         optim=config["vlm"]["stage2"],
+        scene=config["world"]["scene"],
         seed=config["seed"] + 1,
         device=config["device"],
     log:

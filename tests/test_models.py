@@ -11,6 +11,7 @@ from vlmdiff.models import (
     load_vlm,
     make_processor,
     save_atomic,
+    sincos_2d,
 )
 from vlmdiff.tokenizer import IMAGE_TOKEN, build_tokenizer, user_prompt
 from vlmdiff.training import (
@@ -19,9 +20,11 @@ from vlmdiff.training import (
     OptimConfig,
     batches,
     collate,
+    encode_corpus,
     encode_vqa,
     set_stage_trainable,
     train,
+    with_captions,
 )
 
 TEXTS = ["is the red circle left of the blue square ?", "what color is the circle ?",
@@ -163,3 +166,63 @@ def test_conversation_per_image(tiny):
     assert tok.convert_ids_to_tokens(first) == ["red", "</s>", "yes", "</s>"]
     n_image = int((enc.input_ids[0] == vlm.config.image_token_id).sum())
     assert n_image == (size // 8) ** 2  # the image appears once, before the first question
+
+
+def _scene_json(colour, shape, x, y):
+    obj = {"shape": shape, "colour": colour, "x": x, "y": y, "size": 8.0, "text": None}
+    return __import__("json").dumps({"objects": [obj], "image_size": 32})
+
+
+def test_captions_one_per_image_and_opening_each_conversation(tiny, tiny_config):
+    tok, lm, vlm, proc, size = tiny
+    imgs = _images(2, size)
+    ds = Dataset.from_dict({
+        "image_id": [7, 7, 8], "image": [imgs[0], imgs[0], imgs[1]],
+        "question": ["what color is the circle ?", "is the red circle left ?", "what color is the circle ?"],
+        "multiple_choice_answer": ["red", "yes", "blue"],
+        "scene": [_scene_json("red", "circle", 5, 5)] * 2 + [_scene_json("blue", "square", 20, 9)],
+    })
+    scene_cfg = tiny_config["world"]["scene"]
+    caps = with_captions(ds, scene_cfg)
+    assert caps["image_id"] == [7, 8]
+    assert caps["multiple_choice_answer"][1].startswith("a blue square at column")
+    both = with_captions(ds, scene_cfg, keep_questions=True)
+    assert both["image_id"] == [7, 7, 7, 8, 8]
+    assert both["question"][0] == both["question"][3] == "describe the image ."
+    assert both["multiple_choice_answer"][1:3] == ["red", "yes"]
+    enc = encode_vqa(proc, both)
+    assert len(enc) == 2  # still one conversation per image, the caption turn first
+    answers = tok.convert_ids_to_tokens(enc.labels[1][enc.labels[1] != IGNORE].tolist())
+    assert answers[1:3] == ["blue", "square"] and answers[-2:] == ["blue", "</s>"]
+
+
+def test_corpus_loss_on_answers_or_every_token():
+    corpus = Dataset.from_dict({"description": ["a red circle at column 1 row 2 ."],
+                                "questions": [["what color is the circle ?", "is there a square ?"]],
+                                "answers": [["red", "no"]]})
+    tok = build_tokenizer([*TEXTS, "a at column 1 row 2 . there is"])
+    answers = encode_corpus(tok, corpus, max_len=64, loss_on="answers")
+    kept = tok.convert_ids_to_tokens(answers.labels[0][answers.labels[0] != IGNORE].tolist())
+    assert kept == ["red", "</s>", "no", "</s>"]
+    every = encode_corpus(tok, corpus, max_len=64, loss_on="all")
+    assert torch.equal(every.labels[0], every.input_ids[0])
+    with pytest.raises(ValueError, match="loss_on"):
+        encode_corpus(tok, corpus, max_len=64, loss_on="description")
+
+
+def test_sincos_positions_encode_column_and_row(tiny_config):
+    table = sincos_2d(4, 32)
+    assert table.shape == (16, 32)
+    # the first half depends on the column only, the second on the row only (row-major order)
+    assert torch.allclose(table[1, :16], table[5, :16]) and not torch.allclose(table[1, 16:], table[5, 16:])
+    assert torch.allclose(table[4, 16:], table[5, 16:]) and not torch.allclose(table[4, :16], table[5, :16])
+    tok = build_tokenizer(TEXTS)
+    lm = build_lm(tok, tiny_config["lm"], seed=0)
+    vision = {**tiny_config["vision"], "position_init": "sincos"}
+    size = tiny_config["world"]["scene"]["image_size"]
+    vlm = build_vlm(lm, tok, vision, size, seed=0)
+    pos = vlm.model.vision_tower.embeddings.position_embedding.weight.detach()
+    grid = size // vision["patch_size"]
+    assert torch.allclose(pos[1:], 0.5 * sincos_2d(grid, vision["hidden_size"]))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sincos_2d(4, 30)

@@ -11,10 +11,11 @@ inp, p = snakemake.input, snakemake.params
 vlm, processor, stage = start_vlm_stage(
     getattr(inp, "lm", None), getattr(inp, "previous", None),
     getattr(p, "vision", None), getattr(p, "image_size", None), p.seed,
+    vision_dir=getattr(inp, "vision", None),
 )
 history = train_vlm_stage(
     vlm, processor, load_split(inp.train), stage, p.optim, p.seed, resolve_device(p.device), log,
-    scene_cfg=getattr(p, "scene", None) if stage == 1 else None,
+    scene_cfg=p.scene,
 )
 save_atomic([vlm.cpu(), processor], snakemake.output.model)
 pd.DataFrame(history).to_csv(snakemake.output.history, index=False)

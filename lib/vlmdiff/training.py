@@ -50,13 +50,17 @@ class Encoded:
 
 
 def encode_corpus(
-    tokenizer: PreTrainedTokenizerFast, corpus: Dataset, max_len: int
+    tokenizer: PreTrainedTokenizerFast, corpus: Dataset, max_len: int, loss_on: str = "answers"
 ) -> Encoded:
     """Each scene as one chat: description + first question, then further question turns.
 
-    Pretraining puts the loss on every token, so the LM learns the world's language and not
-    only its answers.
+    `loss_on="answers"` puts the loss on the answers (and their EOS) only: the descriptions are
+    random draws, so their tokens teach little beyond the format while diluting the answers'
+    gradient; `"all"` puts it on every token.
     """
+    if loss_on not in ("answers", "all"):
+        raise ValueError(f"lm.train.loss_on must be 'answers' or 'all', got {loss_on!r}")
+    assistant = tokenizer.convert_tokens_to_ids(ASSISTANT)
     ids, labels = [], []
     for row in corpus:
         messages: list[dict] = []
@@ -65,9 +69,11 @@ def encode_corpus(
             messages += user_prompt(q, with_image=False, context=context)
             messages.append({"role": "assistant", "content": a})
         text = tokenizer.apply_chat_template(messages, tokenize=False)
-        t = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids[:max_len])
-        ids.append(t)
-        labels.append(t.clone())
+        t = tokenizer(text, add_special_tokens=False).input_ids[:max_len]
+        ids.append(torch.tensor(t))
+        labels.append(
+            torch.tensor(_answer_labels(t, assistant, tokenizer.eos_token_id) if loss_on == "answers" else t)
+        )
     return Encoded(ids, labels)
 
 
@@ -166,19 +172,35 @@ def caption_text(scene_json: str, scene_cfg: Mapping[str, Any]) -> str:
     return describe(ordered, WorldConfig.from_mapping(scene_cfg))
 
 
-def with_captions(ds: Dataset, scene_cfg: Mapping[str, Any]) -> Dataset:
-    """LLaVA stage-1 data: each image paired with its description instead of a question.
+def with_captions(ds: Dataset, scene_cfg: Mapping[str, Any], keep_questions: bool = False) -> Dataset:
+    """Each image with its description as the answer to `CAPTION_PROMPT`.
 
     Like LLaVA's feature-alignment stage (image -> caption), this gives the from-scratch
-    vision tower a dense signal in the words the LM learnt in pretraining.
+    vision tower a dense signal in the words the LM learnt in pretraining. One caption per
+    image (rows sharing an `image_id` are one image); with `keep_questions` the caption row is
+    followed by the image's question rows, so `encode_vqa` makes one conversation that opens
+    with the description.
     """
+    groups = _image_groups(ds["image_id"] if "image_id" in ds.column_names else range(len(ds)))
+    rows, is_caption = [], []
+    for a, b in groups:
+        rows.append(a)
+        is_caption.append(True)
+        if keep_questions:
+            rows += range(a, b)
+            is_caption += [False] * (b - a)
+    part = ds.select(rows)
+    questions, answers, scenes = part["question"], part["multiple_choice_answer"], part["scene"]
     return Dataset.from_dict(
         {
-            "image": ds["image"],
-            "question": [CAPTION_PROMPT] * len(ds),
-            "multiple_choice_answer": [caption_text(s, scene_cfg) for s in ds["scene"]],
+            "image": part["image"],
+            "image_id": part["image_id"] if "image_id" in ds.column_names else rows,
+            "question": [CAPTION_PROMPT if c else q for c, q in zip(is_caption, questions, strict=True)],
+            "multiple_choice_answer": [
+                caption_text(sc, scene_cfg) if c else a
+                for c, a, sc in zip(is_caption, answers, scenes, strict=True)
+            ],
         },
-        features=None,
     ).cast_column("image", ds.features["image"])
 
 
@@ -315,7 +337,7 @@ def pretrain_lm(
 
     tokenizer = build_tokenizer(vocabulary_texts(corpus, vqa, vsr, prompts, scene_cfg))
     log(f"vocabulary: {len(tokenizer)} tokens")
-    data = encode_corpus(tokenizer, corpus, lm_cfg["max_len"])
+    data = encode_corpus(tokenizer, corpus, lm_cfg["max_len"], lm_cfg["train"].get("loss_on", "answers"))
     lengths = [len(t) for t in data.input_ids]
     log(f"corpus: {len(data)} documents, {sum(lengths)} tokens, max length {max(lengths)}")
     model = build_lm(tokenizer, lm_cfg, seed).to(device)
@@ -337,13 +359,17 @@ def train_vlm_stage(
     log: Log = print,
     scene_cfg: Mapping[str, Any] | None = None,
 ) -> list[dict[str, float]]:
-    """One LLaVA training stage: stage 1 on captions of the training images (when the stage's
-    config says `captions: true`), stage 2 on the VQA questions."""
-    if optim_cfg.get("captions", False):
+    """One LLaVA training stage on the stage's `data`: `captions` (one description per
+    training image), `questions` (the VQA conversations) or `both` (each conversation opens
+    with the image's description)."""
+    data_kind = optim_cfg.get("data", "questions")
+    if data_kind not in ("captions", "questions", "both"):
+        raise ValueError(f"stage {stage}: data must be captions, questions or both, got {data_kind!r}")
+    if data_kind != "questions":
         if scene_cfg is None:
             raise ValueError(f"stage {stage}: captions need the world's scene config")
-        train_ds = with_captions(train_ds, scene_cfg)
-        log(f"stage {stage}: {len(train_ds)} image-caption pairs, e.g. {train_ds[0]['multiple_choice_answer']!r}")
+        train_ds = with_captions(train_ds, scene_cfg, keep_questions=data_kind == "both")
+        log(f"stage {stage}: {data_kind}, {len(train_ds)} rows, e.g. caption {train_ds[0]['multiple_choice_answer']!r}")
     data = encode_vqa(processor, train_ds, log=log)
     params = set_stage_trainable(vlm, stage, optim_cfg.get("train_vision", True))
     log(f"stage {stage}: {sum(p.numel() for p in params):,} trainable parameters")
@@ -362,13 +388,16 @@ def start_vlm_stage(
     vision_cfg: Mapping[str, Any] | None,
     image_size: int | None,
     seed: int,
+    vision_dir: str | None = None,
 ) -> tuple[torch.nn.Module, LlavaProcessor, int]:
-    """Stage 1 builds the VLM around the pretrained LM; stage 2 continues from stage 1."""
-    from vlmdiff.models import build_vlm, load_lm, load_vlm, make_processor
+    """Stage 1 builds the VLM around the pretrained LM (and the pretrained vision tower in
+    `vision_dir`, else a fresh one); stage 2 continues from stage 1."""
+    from vlmdiff.models import build_vlm, load_lm, load_vision_tower, load_vlm, make_processor
 
     if lm_dir is not None:
         lm, tokenizer = load_lm(lm_dir)
-        vlm = build_vlm(lm, tokenizer, vision_cfg, image_size, seed)
+        tower = load_vision_tower(vision_dir) if vision_dir is not None else None
+        vlm = build_vlm(lm, tokenizer, vision_cfg, image_size, seed, vision_tower=tower)
         return vlm, make_processor(tokenizer, image_size, vision_cfg["patch_size"]), 1
     vlm, processor = load_vlm(previous_dir)
     return vlm, processor, 2

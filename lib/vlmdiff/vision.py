@@ -1,0 +1,155 @@
+"""Pretraining the toy CLIP vision tower on the drawn scenes, before the LLaVA stages.
+
+LLaVA starts from a CLIP tower that web-scale pretraining already taught to see. Our tower
+starts from scratch, and the language-model answers of the VLM stages are too sparse a signal
+to teach it shapes in a CPU budget. So the tower is first trained densely on what we drew:
+for every patch, which object (colour and shape) has its centre there, the letter on it, and
+where in the patch the centre lies. Only the tower is kept; the per-patch heads are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import CLIPVisionModel
+
+from vlmdiff.training import Log, OptimConfig, train
+
+
+def patch_labels(
+    scenes: Sequence[str], world: Mapping[str, Any], image_size: int, patch_size: int
+) -> dict[str, torch.Tensor]:
+    """Per-patch targets, row-major over the `image_size // patch_size` grid.
+
+    `object`: index of the (colour, shape) pair whose centre lies in the patch, or
+    `n_pairs` for none; `letter`: 1 + index of its letter in `world.letters`, 0 for none or
+    no object; `offset`: the centre's position inside the patch in [0, 1] (x, y), 0 where
+    no centre lies.
+    """
+    colours, shapes = list(world["colours"]), list(world["shapes"])
+    letters = world.get("letters", "ABCDEFHKLMNPRSTXZ")
+    grid = image_size // patch_size
+    n_pairs = len(colours) * len(shapes)
+    obj = torch.full((len(scenes), grid * grid), n_pairs, dtype=torch.long)
+    letter = torch.zeros((len(scenes), grid * grid), dtype=torch.long)
+    offset = torch.zeros((len(scenes), grid * grid, 2))
+    for i, scene in enumerate(scenes):
+        for o in json.loads(scene)["objects"]:
+            col = min(grid - 1, int(o["x"] // patch_size))
+            row = min(grid - 1, int(o["y"] // patch_size))
+            cell = row * grid + col
+            obj[i, cell] = colours.index(o["colour"]) * len(shapes) + shapes.index(o["shape"])
+            letter[i, cell] = 1 + letters.index(o["text"]) if o.get("text") else 0
+            offset[i, cell, 0] = o["x"] / patch_size - col
+            offset[i, cell, 1] = o["y"] / patch_size - row
+    return {"object": obj, "letter": letter, "offset": offset}
+
+
+class PatchProbe(torch.nn.Module):
+    """The tower plus three per-patch heads; `forward` returns the summed loss as `.loss`."""
+
+    def __init__(self, tower: CLIPVisionModel, n_objects: int, n_letters: int) -> None:
+        super().__init__()
+        d = tower.config.hidden_size
+        self.tower = tower
+        self.object_head = torch.nn.Linear(d, n_objects + 1)
+        self.letter_head = torch.nn.Linear(d, n_letters + 1)
+        self.offset_head = torch.nn.Linear(d, 2)
+
+    def predict(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.tower(pixel_values=pixel_values).last_hidden_state[:, 1:]  # CLS dropped
+        return {"object": self.object_head(h), "letter": self.letter_head(h), "offset": self.offset_head(h)}
+
+    def forward(self, pixel_values, object, letter, offset, **_: Any):  # noqa: A002 - target name
+        out = self.predict(pixel_values)
+        ce = torch.nn.functional.cross_entropy
+        loss = ce(out["object"].flatten(0, 1), object.flatten())
+        has = object.flatten() < out["object"].shape[-1] - 1
+        if has.any():
+            loss = loss + ce(out["letter"].flatten(0, 1)[has], letter.flatten()[has])
+            loss = loss + torch.nn.functional.mse_loss(
+                torch.sigmoid(out["offset"].flatten(0, 1)[has]), offset.flatten(0, 1)[has]
+            )
+        return _Output(loss)
+
+
+class _Output:
+    def __init__(self, loss: torch.Tensor) -> None:
+        self.loss = loss
+
+
+def _batches(pixels: torch.Tensor, labels: Mapping[str, torch.Tensor], batch_size: int, seed: int):
+    rng = np.random.default_rng(seed)
+    while True:
+        order = torch.as_tensor(rng.permutation(len(pixels)))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            idx = order[start : start + batch_size]
+            # `input_ids` only sizes the progress line of `train`
+            yield {"pixel_values": pixels[idx].float(), "input_ids": idx, **{k: v[idx] for k, v in labels.items()}}
+
+
+def unique_images(ds: Dataset) -> Dataset:
+    """One row per image (rows sharing an `image_id` show the same picture)."""
+    if "image_id" not in ds.column_names:
+        return ds
+    ids = ds["image_id"]
+    return ds.select([i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]])
+
+
+def pretrain_vision(
+    tower: CLIPVisionModel,
+    ds: Dataset,
+    image_processor,
+    world: Mapping[str, Any],
+    optim_cfg: Mapping[str, Any],
+    seed: int,
+    device: torch.device,
+    log: Log = print,
+) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """Train `tower` in place on per-patch targets of `ds`'s images; returns the loss history
+    and held-out per-patch accuracies (the last 10% of images, at most 1000)."""
+    ds = unique_images(ds)
+    size, patch = tower.config.image_size, tower.config.patch_size
+    pixels = torch.as_tensor(
+        np.stack(image_processor(list(ds["image"]))["pixel_values"]), dtype=torch.float16
+    )
+    labels = patch_labels(ds["scene"], world, size, patch)
+    n_held = min(1000, len(ds) // 10)
+    n_train = len(ds) - n_held
+    probe = PatchProbe(tower, len(world["colours"]) * len(world["shapes"]),
+                       len(world.get("letters", "ABCDEFHKLMNPRSTXZ"))).to(device)
+    log(f"vision pretraining: {n_train} images, {n_held} held out, {labels['object'].shape[1]} patches each")
+    cfg = OptimConfig.from_mapping(optim_cfg)
+    train_labels = {k: v[:n_train] for k, v in labels.items()}
+    it = _batches(pixels[:n_train], train_labels, cfg.batch_size, seed)
+    history = train(probe, list(probe.parameters()), it, cfg, device, "vision", log)
+    metrics = patch_accuracy(probe, pixels[n_train:], {k: v[n_train:] for k, v in labels.items()}, device)
+    log("vision held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    return history, metrics
+
+
+@torch.no_grad()
+def patch_accuracy(
+    probe: PatchProbe, pixels: torch.Tensor, labels: Mapping[str, torch.Tensor], device: torch.device
+) -> dict[str, float]:
+    """Object accuracy on patches holding a centre, on empty patches, and letter accuracy."""
+    if len(pixels) == 0:
+        return {}
+    probe.eval()
+    preds = {k: [] for k in ("object", "letter")}
+    for start in range(0, len(pixels), 256):
+        out = probe.predict(pixels[start : start + 256].float().to(device))
+        for k in preds:
+            preds[k].append(out[k].argmax(-1).cpu())
+    obj, letter = torch.cat(preds["object"]), torch.cat(preds["letter"])
+    has = labels["object"] < probe.object_head.out_features - 1
+    return {
+        "object_accuracy": float((obj[has] == labels["object"][has]).float().mean()),
+        "empty_accuracy": float((obj[~has] == labels["object"][~has]).float().mean()),
+        "letter_accuracy": float((letter[has] == labels["letter"][has]).float().mean()),
+    }
