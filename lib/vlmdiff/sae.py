@@ -450,7 +450,11 @@ def _read_tensors(path: Path, d_model: int, d_sae: int) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"SAE weights {path} are missing")
     out = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error type for a bad header
+        raise SAEFormatError(f"{path}: not a readable safetensors file ({e})") from e
+    with handle as f:
         present = set(f.keys())
         for name, shape in expected.items():
             if name not in present:
