@@ -29,8 +29,7 @@ import numpy as np
 import torch
 import yaml
 import zarr
-from datasets import Dataset, Features, Image, Value
-from PIL import Image as PILImage
+from datasets import Dataset
 from vlmdiff.cache import (
     HOOK_POINT,
     LAYER_INDEXING,
@@ -40,6 +39,7 @@ from vlmdiff.cache import (
     iter_batches,
     write_cache,
 )
+from vlmdiff.data import noise_vqa
 from vlmdiff.models import build_lm, build_vlm, language_layers, make_processor
 from vlmdiff.tokenizer import build_tokenizer
 
@@ -52,23 +52,6 @@ QUESTIONS = [
     "what letter is written on the purple shape",
     "is the circle below the triangle",
 ]
-
-
-def random_vqa(n: int, image_size: int, seed: int) -> Dataset:
-    rng = np.random.default_rng(seed)
-    images = [
-        PILImage.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8))
-        for _ in range(n)
-    ]
-    features = Features(
-        {"question": Value("string"), "image": Image(), "multiple_choice_answer": Value("string")}
-    )
-    rows = {
-        "question": [QUESTIONS[i % len(QUESTIONS)] for i in range(n)],
-        "image": images,
-        "multiple_choice_answer": ["yes"] * n,
-    }
-    return Dataset.from_dict(rows, features=features)
 
 
 def encode_all(processor, ds: Dataset, batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -114,7 +97,7 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
     lm = build_lm(tok, cfg["lm"], seed=0)
     vlm = build_vlm(lm, tok, cfg["vision"], image_size, seed=0).eval()
     processor = make_processor(tok, image_size, cfg["vision"]["patch_size"])
-    ds = random_vqa(args.samples, image_size, seed=0)
+    ds = noise_vqa(QUESTIONS, args.samples, image_size, seed=0)
 
     batches = encode_all(processor, ds, args.batch_size)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)

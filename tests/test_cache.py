@@ -10,8 +10,7 @@ import pytest
 import torch
 import yaml
 import zarr
-from datasets import Dataset, Features, Image, Sequence, Value
-from PIL import Image as PILImage
+from datasets import Dataset, Features, Sequence, Value
 from vlmdiff.cache import (
     _prefetched,
     iter_batches,
@@ -20,6 +19,7 @@ from vlmdiff.cache import (
     token_mask,
     write_cache,
 )
+from vlmdiff.data import noise_vqa
 from vlmdiff.models import build_lm, build_vlm, language_layers, make_processor
 from vlmdiff.tokenizer import build_tokenizer
 from vlmdiff.training import encode_corpus, prompt_texts
@@ -36,6 +36,12 @@ QUESTIONS = [
 ]
 N_IMAGE = (IMAGE_SIZE // PRESET["vision"]["patch_size"]) ** 2
 ATOL = 3e-3  # float16 storage of activations of order 1
+
+
+def write_vqa_cache(model, ds, out, **kwargs):
+    """`write_cache` in VQA mode, silent unless the test passes its own `log`."""
+    kwargs.setdefault("log", lambda m: None)
+    return write_cache(model, ds, out, mode="vqa", **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -61,21 +67,7 @@ def processor(tokenizer):
 
 @pytest.fixture(scope="module")
 def vqa() -> Dataset:
-    rng = np.random.default_rng(0)
-    n = 12
-    images = [
-        PILImage.fromarray(rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8))
-        for _ in range(n)
-    ]
-    features = Features(
-        {"question": Value("string"), "image": Image(), "multiple_choice_answer": Value("string")}
-    )
-    rows = {
-        "question": [QUESTIONS[i % len(QUESTIONS)] for i in range(n)],
-        "image": images,
-        "multiple_choice_answer": ["yes"] * n,
-    }
-    return Dataset.from_dict(rows, features=features)
+    return noise_vqa(QUESTIONS, 12, IMAGE_SIZE, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -100,17 +92,15 @@ def corpus() -> Dataset:
 @pytest.fixture(scope="module")
 def vqa_cache(tmp_path_factory, vlm, vqa, processor) -> Path:
     out = tmp_path_factory.mktemp("cache") / "vqa"
-    write_cache(
+    write_vqa_cache(
         vlm,
         vqa,
         out,
-        mode="vqa",
         processor=processor,
         batch_size=5,
         chunk_tokens=64,
         split="val",
         model_name="tiny-vlm",
-        log=lambda m: None,
     )
     return out
 
@@ -181,16 +171,14 @@ def test_image_subsampling_is_seeded_and_batch_independent(
     tmp_path, vqa_cache, vlm, vqa, processor
 ):
     def run(name: str, batch_size: int, seed: int) -> dict[str, np.ndarray]:
-        write_cache(
+        write_vqa_cache(
             vlm,
             vqa,
             tmp_path / name,
-            mode="vqa",
             processor=processor,
             seed=seed,
             batch_size=batch_size,
             image_tokens_per_sample=5,
-            log=lambda m: None,
         )
         return read_all(tmp_path / name)
 
@@ -227,17 +215,15 @@ def test_union_of_shards_equals_unsharded(tmp_path, vqa_cache, vlm, vqa, process
     parts = []
     for i in range(3):
         out = tmp_path / f"shard{i}"
-        write_cache(
+        write_vqa_cache(
             vlm,
             vqa,
             out,
-            mode="vqa",
             processor=processor,
             shard=(i, 3),
             batch_size=3,
             chunk_tokens=64,
             compress=i == 1,
-            log=lambda m: None,
         )
         assert open_cache(out).attrs["shard_index"] == i
         parts.append(read_all(out))
@@ -306,23 +292,20 @@ def test_changed_settings_discard_partial(tmp_path, vlm, vqa, processor):
     out = tmp_path / "run"
     handle = language_layers(vlm)[0].register_forward_hook(_raise_on_call(3))
     with pytest.raises(Killed):
-        write_cache(
+        write_vqa_cache(
             vlm,
             vqa,
             out,
-            mode="vqa",
             processor=processor,
             batch_size=2,
             chunk_tokens=16,
-            log=lambda m: None,
         )
     handle.remove()
     messages: list[str] = []
-    write_cache(
+    write_vqa_cache(
         vlm,
         vqa,
         out,
-        mode="vqa",
         processor=processor,
         batch_size=2,
         chunk_tokens=16,
@@ -400,14 +383,12 @@ def test_non_finite_activation_names_layer_and_sample(tmp_path, vlm, vqa, proces
     handle = language_layers(vlm)[1].register_forward_hook(poison)
     try:
         with pytest.raises(FloatingPointError, match="layer 1, sample 1"):
-            write_cache(
+            write_vqa_cache(
                 vlm,
                 vqa,
                 tmp_path / "nan",
-                mode="vqa",
                 processor=processor,
                 batch_size=4,
-                log=lambda m: None,
             )
     finally:
         handle.remove()
@@ -490,15 +471,13 @@ def test_iter_batches_covers_every_token_once(indexed_cache, shuffle, size):
 
 def test_iter_batches_across_stores_and_token_budget(tmp_path, indexed_cache, vlm, vqa, processor):
     other = tmp_path / "other"
-    write_cache(
+    write_vqa_cache(
         vlm,
         vqa,
         other,
-        mode="vqa",
         processor=processor,
         chunk_tokens=48,
         image_tokens_per_sample=2,
-        log=lambda m: None,
     )
     n1 = open_cache(indexed_cache).sizes["token"]
     _index_rows(other, offset=n1)

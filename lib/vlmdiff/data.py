@@ -211,6 +211,25 @@ def load_split(path: str | os.PathLike, layout: str | None = None) -> Dataset:
 # Writing
 
 
+def noise_vqa(questions: Sequence[str], n: int, image_size: int, seed: int) -> Dataset:
+    """`n` rows of uniform-noise RGB images cycling through `questions`, all answered "yes":
+    inputs of the right shape and layout for tests and benchmarks, not data to learn from."""
+    rng = np.random.default_rng(seed)
+    images = [
+        PILImage.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8))
+        for _ in range(n)
+    ]
+    features = Features(
+        {"question": Value("string"), "image": Image(), "multiple_choice_answer": Value("string")}
+    )
+    rows = {
+        "question": [questions[i % len(questions)] for i in range(n)],
+        "image": images,
+        "multiple_choice_answer": ["yes"] * n,
+    }
+    return Dataset.from_dict(rows, features=features)
+
+
 def png_bytes(img: PILImage.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=3)
