@@ -108,7 +108,7 @@ def encode_vqa(
     """
     tok = processor.tokenizer
     assistant = tok.convert_tokens_to_ids(ASSISTANT)
-    groups = _image_groups(ds["image_id"] if "image_id" in ds.column_names else range(len(ds)))
+    groups = image_groups(ds["image_id"] if "image_id" in ds.column_names else range(len(ds)))
     # read the text columns once: indexing `ds[column]` inside the loop re-reads the column
     questions, answers = list(ds["question"]), list(ds["multiple_choice_answer"])
     ids, labels, pixels = [], [], []
@@ -141,7 +141,7 @@ def _answer_labels(seq: Sequence[int], assistant: int, eos: int) -> list[int]:
     return out
 
 
-def _image_groups(image_ids: Sequence) -> list[tuple[int, int]]:
+def image_groups(image_ids: Sequence) -> list[tuple[int, int]]:
     """[start, end) row ranges of consecutive rows that share an image."""
     bounds, start = [], 0
     ids = list(image_ids)
@@ -181,7 +181,7 @@ def with_captions(ds: Dataset, scene_cfg: Mapping[str, Any], keep_questions: boo
     followed by the image's question rows, so `encode_vqa` makes one conversation that opens
     with the description.
     """
-    groups = _image_groups(ds["image_id"] if "image_id" in ds.column_names else range(len(ds)))
+    groups = image_groups(ds["image_id"] if "image_id" in ds.column_names else range(len(ds)))
     rows, is_caption = [], []
     for a, b in groups:
         rows.append(a)
@@ -263,7 +263,7 @@ def train(
         opt.step()
         sched.step()
         running += loss.item()
-        seen += batch["input_ids"].shape[0]
+        seen += next(iter(batch.values())).shape[0]  # every tensor of a batch is per sample
         if step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.perf_counter() - t0
             n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every

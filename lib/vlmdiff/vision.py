@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from datasets import Dataset
 from transformers import CLIPVisionModel
 
-from vlmdiff.training import Log, OptimConfig, train
+from vlmdiff.training import Log, OptimConfig, image_groups, train
 
 
 def patch_labels(
@@ -65,7 +66,7 @@ class PatchProbe(torch.nn.Module):
         h = self.tower(pixel_values=pixel_values).last_hidden_state[:, 1:]  # CLS dropped
         return {"object": self.object_head(h), "letter": self.letter_head(h), "offset": self.offset_head(h)}
 
-    def forward(self, pixel_values, object, letter, offset, **_: Any):  # noqa: A002 - target name
+    def forward(self, pixel_values, object, letter, offset):  # noqa: A002 - target name
         out = self.predict(pixel_values)
         ce = torch.nn.functional.cross_entropy
         loss = ce(out["object"].flatten(0, 1), object.flatten())
@@ -75,12 +76,7 @@ class PatchProbe(torch.nn.Module):
             loss = loss + torch.nn.functional.mse_loss(
                 torch.sigmoid(out["offset"].flatten(0, 1)[has]), offset.flatten(0, 1)[has]
             )
-        return _Output(loss)
-
-
-class _Output:
-    def __init__(self, loss: torch.Tensor) -> None:
-        self.loss = loss
+        return SimpleNamespace(loss=loss)
 
 
 def _batches(pixels: torch.Tensor, labels: Mapping[str, torch.Tensor], batch_size: int, seed: int):
@@ -89,16 +85,14 @@ def _batches(pixels: torch.Tensor, labels: Mapping[str, torch.Tensor], batch_siz
         order = torch.as_tensor(rng.permutation(len(pixels)))
         for start in range(0, len(order) - batch_size + 1, batch_size):
             idx = order[start : start + batch_size]
-            # `input_ids` only sizes the progress line of `train`
-            yield {"pixel_values": pixels[idx].float(), "input_ids": idx, **{k: v[idx] for k, v in labels.items()}}
+            yield {"pixel_values": pixels[idx].float(), **{k: v[idx] for k, v in labels.items()}}
 
 
 def unique_images(ds: Dataset) -> Dataset:
     """One row per image (rows sharing an `image_id` show the same picture)."""
     if "image_id" not in ds.column_names:
         return ds
-    ids = ds["image_id"]
-    return ds.select([i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]])
+    return ds.select([a for a, _ in image_groups(ds["image_id"])])
 
 
 def pretrain_vision(
