@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 from vlmdiff.config import ConfigError, load_schema, validate_config
+from vlmdiff.sources import SourceMismatch, check_locations, check_sources
 
 try:
     validate_config(config, load_schema(Path(workflow.basedir) / "schemas/config.schema.yaml"))
@@ -18,6 +19,42 @@ CACHE_SPLITS = ["corpus", "train", "val", "spatial", "ocr"]
 LAYERS = list(range(config["lm"]["num_layers"]))
 REGIMES = config["sae"]["regimes"]
 SHARDS = list(range(config["cache"]["shards"]))
+
+# Sources: drawn/trained by the workflow, or imported (paper preset). Only the producing
+# rules differ; every downstream rule reads the same files.
+SOURCE = config["source"]
+SHAPES_WORLD = SOURCE["world"] == "shapes"
+TRAIN_MODELS = SOURCE["models"] == "train"
+TRAIN_SAES = SOURCE["saes"] == "train"
+MODEL_CHECK = f"{R}/models/sources_check.json"
+
+
+def check_source_config(source, layers, config_layers):
+    """Source combinations and locations; local model and SAE files checked against each other
+    while the DAG is built, so a mismatch stops the run before any job starts."""
+    problems = check_locations(source)
+    if source["world"] == "vqav2" and not (source["vqav2"]["path"] and source["vsr"]["path"]
+                                          and source["vsr"]["coco_images"]):
+        problems.append("source.world: vqav2 needs source.vqav2.path, source.vsr.path and "
+                        "source.vsr.coco_images")
+    if source["models"] == "import" and not source["vlm"]:
+        problems.append("source.models: import needs source.vlm")
+    if source["models"] == "train" and source["world"] != "shapes":
+        problems.append("source.models: train works on the shapes world only; use import")
+    if source["saes"] == "llama_scope" and not source["llama_scope"]:
+        problems.append("source.saes: llama_scope needs source.llama_scope")
+    if source["saes"] == "train" and source["models"] != "train":
+        problems.append("source.saes: train needs the workflow's own LM (source.models: train)")
+    if problems:
+        raise WorkflowError("invalid config: " + "; ".join(problems))
+    if source["models"] == "import":
+        try:
+            check_sources(source, layers, config_layers, local_only=True)
+        except (SourceMismatch, ValueError, FileNotFoundError) as err:
+            raise WorkflowError(f"model and SAEs do not fit: {err}") from None
+
+
+check_source_config(SOURCE, LAYERS, config["lm"]["num_layers"])
 
 
 def world_file(split):
@@ -105,15 +142,13 @@ def figure_outputs(figures):
 def feature_targets():
     tables = ["features.parquet", "features.csv", "selected_features.csv",
               "selected_features.parquet", "feature_sets.csv", "threshold_sweep.csv",
-              "ground_truth.csv", "ground_truth_summary.csv"]
+              *(["ground_truth.csv", "ground_truth_summary.csv"] if SHAPES_WORLD else [])]
     return [f"{R}/tables/{t}" for t in tables] + list(figure_outputs(FEATURE_FIGURES).values())
 
 
 def all_targets():
     return [
-        f"{R}/world/summary.json",
-        f"{R}/models/vlm_eval.csv",
-        f"{R}/models/vlm_eval.png",
+        *source_targets(),
         f"{R}/figures/fig1_fvu_adaptation.png",
         f"{R}/figures/fig5_decoder_cosine.png",
         f"{R}/figures/fig6_fvu_per_layer.png",
@@ -121,6 +156,21 @@ def all_targets():
         *feature_targets(),
         *causal_targets(),
     ]
+
+
+def source_targets():
+    """World summary and model evaluation (shapes, trained) or the import summaries."""
+    if SHAPES_WORLD:
+        out = [f"{R}/world/summary.json"]
+    else:
+        out = [f"{R}/world/vqav2_summary.json", f"{R}/world/vsr_summary.json"]
+    if TRAIN_MODELS:
+        out += [f"{R}/models/vlm_eval.csv", f"{R}/models/vlm_eval.png"]
+    else:
+        out += [f"{R}/models/vlm_stage2"]
+        out += [f"{R}/models/vlm_stage1"] if SOURCE["vlm_stage1"] else []
+        out += [f"{R}/models/lm"] if SOURCE["lm"] else []
+    return out
 
 
 # Stage 4: causal experiments (attribution patching, ablation, steering)

@@ -1,147 +1,252 @@
-rule train_lm:
-    """Pretrain the toy Llama LM (and its word-level tokenizer) on the scene corpus."""
-    input:
-        corpus=world_file("corpus"),
-        train=world_file("train"),
-        vsr=world_file("vsr"),
-        neutral_prompts=f"{R}/world/neutral_prompts.json",
-    output:
-        model=directory(f"{R}/models/lm"),
-        history=f"{R}/models/lm_history.csv",
-    params:
-        lm=config["lm"],
-        scene=config["world"]["scene"],
-        seed=config["seed"],
-        device=config["device"],
-    log:
-        f"{LOGS}/train_lm.log",
-    benchmark:
-        f"{BENCH}/train_lm.tsv"
-    threads: 4
-    resources:
-        mem_mb=6000,
-        runtime=60,
-        gpu=1,
-    conda:
-        ENV
-    script:
-        "../workflow_scripts/train_lm.py"
+# Stage 1 models. Toy presets: trained by the workflow. Paper preset: imported and converted
+# (vlmdiff.llava_more) into the same folders, after a check that model and SAEs fit.
+if TRAIN_MODELS:
+
+    rule train_lm:
+        """Pretrain the toy Llama LM (and its word-level tokenizer) on the scene corpus."""
+        input:
+            corpus=world_file("corpus"),
+            train=world_file("train"),
+            vsr=world_file("vsr"),
+            neutral_prompts=f"{R}/world/neutral_prompts.json",
+        output:
+            model=directory(f"{R}/models/lm"),
+            history=f"{R}/models/lm_history.csv",
+        params:
+            lm=config["lm"],
+            scene=config["world"]["scene"],
+            seed=config["seed"],
+            device=config["device"],
+        log:
+            f"{LOGS}/train_lm.log",
+        benchmark:
+            f"{BENCH}/train_lm.tsv"
+        threads: 4
+        resources:
+            mem_mb=6000,
+            runtime=60,
+            gpu=1,
+        conda:
+            ENV
+        script:
+            "../workflow_scripts/train_lm.py"
 
 
-rule pretrain_vision:
-    """Pretrain the CLIP vision tower on per-patch object, letter and position targets (our
-    stand-in for CLIP's web-scale pretraining)."""
-    input:
-        train=world_file("train"),
-    output:
-        model=directory(f"{R}/models/vision"),
-        history=f"{R}/models/vision_history.csv",
-        metrics=f"{R}/models/vision_metrics.json",
-    params:
-        vision=config["vision"],
-        scene=config["world"]["scene"],
-        image_size=config["world"]["scene"]["image_size"],
-        seed=config["seed"],
-        device=config["device"],
-    log:
-        f"{LOGS}/pretrain_vision.log",
-    benchmark:
-        f"{BENCH}/pretrain_vision.tsv"
-    threads: 4
-    resources:
-        mem_mb=4000,
-        runtime=30,
-        gpu=1,
-    conda:
-        ENV
-    script:
-        "../workflow_scripts/pretrain_vision.py"
+    rule pretrain_vision:
+        """Pretrain the CLIP vision tower on per-patch object, letter and position targets (our
+        stand-in for CLIP's web-scale pretraining)."""
+        input:
+            train=world_file("train"),
+        output:
+            model=directory(f"{R}/models/vision"),
+            history=f"{R}/models/vision_history.csv",
+            metrics=f"{R}/models/vision_metrics.json",
+        params:
+            vision=config["vision"],
+            scene=config["world"]["scene"],
+            image_size=config["world"]["scene"]["image_size"],
+            seed=config["seed"],
+            device=config["device"],
+        log:
+            f"{LOGS}/pretrain_vision.log",
+        benchmark:
+            f"{BENCH}/pretrain_vision.tsv"
+        threads: 4
+        resources:
+            mem_mb=4000,
+            runtime=30,
+            gpu=1,
+        conda:
+            ENV
+        script:
+            "../workflow_scripts/pretrain_vision.py"
 
 
-rule train_vlm_stage1:
-    """LLaVA stage 1: vision tower + projector trained, language model frozen."""
-    input:
-        lm=f"{R}/models/lm",
-        vision=f"{R}/models/vision",
-        train=world_file("train"),
-    output:
-        model=directory(f"{R}/models/vlm_stage1"),
-        history=f"{R}/models/vlm_stage1_history.csv",
-    params:
-        vision=config["vision"],
-        optim=config["vlm"]["stage1"],
-        scene=config["world"]["scene"],
-        image_size=config["world"]["scene"]["image_size"],
-        seed=config["seed"],
-        device=config["device"],
-    log:
-        f"{LOGS}/train_vlm_stage1.log",
-    benchmark:
-        f"{BENCH}/train_vlm_stage1.tsv"
-    threads: 4
-    resources:
-        mem_mb=8000,
-        runtime=60,
-        gpu=1,
-    conda:
-        ENV
-    script:
-        "../workflow_scripts/train_vlm.py"
+    rule train_vlm_stage1:
+        """LLaVA stage 1: vision tower + projector trained, language model frozen."""
+        input:
+            lm=f"{R}/models/lm",
+            vision=f"{R}/models/vision",
+            train=world_file("train"),
+        output:
+            model=directory(f"{R}/models/vlm_stage1"),
+            history=f"{R}/models/vlm_stage1_history.csv",
+        params:
+            vision=config["vision"],
+            optim=config["vlm"]["stage1"],
+            scene=config["world"]["scene"],
+            image_size=config["world"]["scene"]["image_size"],
+            seed=config["seed"],
+            device=config["device"],
+        log:
+            f"{LOGS}/train_vlm_stage1.log",
+        benchmark:
+            f"{BENCH}/train_vlm_stage1.tsv"
+        threads: 4
+        resources:
+            mem_mb=8000,
+            runtime=60,
+            gpu=1,
+        conda:
+            ENV
+        script:
+            "../workflow_scripts/train_vlm.py"
 
 
-rule train_vlm_stage2:
-    """LLaVA stage 2: everything trained, the language model included."""
-    input:
-        previous=f"{R}/models/vlm_stage1",
-        train=world_file("train"),
-    output:
-        model=directory(f"{R}/models/vlm_stage2"),
-        history=f"{R}/models/vlm_stage2_history.csv",
-    params:
-        optim=config["vlm"]["stage2"],
-        scene=config["world"]["scene"],
-        seed=config["seed"] + 1,
-        device=config["device"],
-    log:
-        f"{LOGS}/train_vlm_stage2.log",
-    benchmark:
-        f"{BENCH}/train_vlm_stage2.tsv"
-    threads: 4
-    resources:
-        mem_mb=8000,
-        runtime=60,
-        gpu=1,
-    conda:
-        ENV
-    script:
-        "../workflow_scripts/train_vlm.py"
+    rule train_vlm_stage2:
+        """LLaVA stage 2: everything trained, the language model included."""
+        input:
+            previous=f"{R}/models/vlm_stage1",
+            train=world_file("train"),
+        output:
+            model=directory(f"{R}/models/vlm_stage2"),
+            history=f"{R}/models/vlm_stage2_history.csv",
+        params:
+            optim=config["vlm"]["stage2"],
+            scene=config["world"]["scene"],
+            seed=config["seed"] + 1,
+            device=config["device"],
+        log:
+            f"{LOGS}/train_vlm_stage2.log",
+        benchmark:
+            f"{BENCH}/train_vlm_stage2.tsv"
+        threads: 4
+        resources:
+            mem_mb=8000,
+            runtime=60,
+            gpu=1,
+        conda:
+            ENV
+        script:
+            "../workflow_scripts/train_vlm.py"
 
 
-rule eval_models:
-    """Held-out accuracy per question family: LM alone (no image), VLM stage 1, VLM stage 2."""
-    input:
-        lm=f"{R}/models/lm",
-        stage1=f"{R}/models/vlm_stage1",
-        stage2=f"{R}/models/vlm_stage2",
-        val=world_file("val"),
-    output:
-        table=f"{R}/models/vlm_eval.csv",
-        plot=f"{R}/models/vlm_eval.png",
-        plot_pdf=f"{R}/models/vlm_eval.pdf",
-    params:
-        batch_size=config["eval"]["batch_size"],
-        scene=config["world"]["scene"],
-        device=config["device"],
-    log:
-        f"{LOGS}/eval_models.log",
-    benchmark:
-        f"{BENCH}/eval_models.tsv"
-    threads: 4
-    resources:
-        mem_mb=4000,
-        runtime=30,
-        gpu=1,
-    conda:
-        ENV
-    script:
-        "../workflow_scripts/eval_models.py"
+    rule eval_models:
+        """Held-out accuracy per question family: LM alone (no image), VLM stage 1, VLM stage 2."""
+        input:
+            lm=f"{R}/models/lm",
+            stage1=f"{R}/models/vlm_stage1",
+            stage2=f"{R}/models/vlm_stage2",
+            val=world_file("val"),
+        output:
+            table=f"{R}/models/vlm_eval.csv",
+            plot=f"{R}/models/vlm_eval.png",
+            plot_pdf=f"{R}/models/vlm_eval.pdf",
+        params:
+            batch_size=config["eval"]["batch_size"],
+            scene=config["world"]["scene"],
+            device=config["device"],
+        log:
+            f"{LOGS}/eval_models.log",
+        benchmark:
+            f"{BENCH}/eval_models.tsv"
+        threads: 4
+        resources:
+            mem_mb=4000,
+            runtime=30,
+            gpu=1,
+        conda:
+            ENV
+        script:
+            "../workflow_scripts/eval_models.py"
+
+else:
+
+    rule check_sources:
+        """Model config against the config's layer count and every layer's SAE (d_model, hook
+        point), from their JSON files only: a mismatch stops the run before any GPU job."""
+        output:
+            check=MODEL_CHECK,
+        params:
+            source=SOURCE,
+            layers=LAYERS,
+            config_layers=config["lm"]["num_layers"],
+        log:
+            f"{LOGS}/check_sources.log",
+        benchmark:
+            f"{BENCH}/check_sources.tsv"
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=10,
+        conda:
+            ENV
+        script:
+            "../workflow_scripts/check_sources.py"
+
+    rule import_vlm:
+        """The fine-tuned VLM as an HF Llava folder (original-LLaVA checkpoints converted)."""
+        input:
+            check=MODEL_CHECK,
+        output:
+            model=directory(f"{R}/models/vlm_stage2"),
+            summary=f"{R}/models/vlm_stage2_import.json",
+        params:
+            source=SOURCE["vlm"],
+            key="source.vlm",
+            base_lm=None,
+            vision_tower=SOURCE["vision_tower"],
+            revision=SOURCE["revision"],
+        log:
+            f"{LOGS}/import_vlm.log",
+        benchmark:
+            f"{BENCH}/import_vlm.tsv"
+        threads: 2
+        resources:
+            mem_mb=48000,
+            runtime=120,
+        conda:
+            ENV
+        script:
+            "../workflow_scripts/import_vlm.py"
+
+    if SOURCE["vlm_stage1"]:
+
+        rule import_vlm_stage1:
+            """The stage-1 VLM: its projector with the base LM's weights (LLaVA's pretrain
+            checkpoints hold only the projector)."""
+            input:
+                check=MODEL_CHECK,
+            output:
+                model=directory(f"{R}/models/vlm_stage1"),
+                summary=f"{R}/models/vlm_stage1_import.json",
+            params:
+                source=SOURCE["vlm_stage1"],
+                key="source.vlm_stage1",
+                base_lm=SOURCE["lm"],
+                vision_tower=SOURCE["vision_tower"],
+                revision=SOURCE["revision"],
+            log:
+                f"{LOGS}/import_vlm_stage1.log",
+            benchmark:
+                f"{BENCH}/import_vlm_stage1.tsv"
+            threads: 2
+            resources:
+                mem_mb=48000,
+                runtime=120,
+            conda:
+                ENV
+            script:
+                "../workflow_scripts/import_vlm.py"
+
+    if SOURCE["lm"]:
+
+        rule import_lm:
+            """The base language model, copied as an HF Llama folder."""
+            output:
+                model=directory(f"{R}/models/lm"),
+            params:
+                source=SOURCE["lm"],
+                revision=SOURCE["revision"],
+            log:
+                f"{LOGS}/import_lm.log",
+            benchmark:
+                f"{BENCH}/import_lm.tsv"
+            threads: 1
+            resources:
+                mem_mb=4000,
+                runtime=60,
+            conda:
+                ENV
+            script:
+                "../workflow_scripts/import_lm.py"

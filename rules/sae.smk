@@ -1,33 +1,64 @@
-rule train_base_sae:
-    """Base SAE for one layer of the language model (the Llama-Scope analog), random init."""
-    input:
-        train=cache_stores("lm", "corpus"),
-        val=cache_stores("lm", "val"),
-    output:
-        sae=directory(f"{R}/sae/base/layer_{{layer}}"),
-        history=f"{R}/sae/base/layer_{{layer}}.history.csv",
-    params:
-        train=config["sae"]["base"],
-        k=config["sae"]["k"],
-        expansion=config["sae"]["expansion"],
-        eval_tokens=config["sae"]["eval_tokens"],
-        seed=config["seed"],
-        device=config["device"],
-    wildcard_constraints:
-        layer=r"\d+",
-    log:
-        f"{LOGS}/sae/base_layer_{{layer}}.log",
-    benchmark:
-        f"{BENCH}/sae/base_layer_{{layer}}.tsv"
-    threads: 1
-    resources:
-        mem_mb=3000,
-        runtime=120,
-        gpu=1,
-    conda:
-        ENV
-    script:
-        "../workflow_scripts/train_base_sae.py"
+# Base SAEs: trained on the LM (toy presets) or a Llama-Scope release re-instantiated as TopK
+# (paper preset); either way one folder per layer in our layout, read by adapt_sae.
+if TRAIN_SAES:
+
+    rule train_base_sae:
+        """Base SAE for one layer of the language model (the Llama-Scope analog), random init."""
+        input:
+            train=cache_stores("lm", "corpus"),
+            val=cache_stores("lm", "val"),
+        output:
+            sae=directory(f"{R}/sae/base/layer_{{layer}}"),
+            history=f"{R}/sae/base/layer_{{layer}}.history.csv",
+        params:
+            train=config["sae"]["base"],
+            k=config["sae"]["k"],
+            expansion=config["sae"]["expansion"],
+            eval_tokens=config["sae"]["eval_tokens"],
+            seed=config["seed"],
+            device=config["device"],
+        wildcard_constraints:
+            layer=r"\d+",
+        log:
+            f"{LOGS}/sae/base_layer_{{layer}}.log",
+        benchmark:
+            f"{BENCH}/sae/base_layer_{{layer}}.tsv"
+        threads: 1
+        resources:
+            mem_mb=3000,
+            runtime=120,
+            gpu=1,
+        conda:
+            ENV
+        script:
+            "../workflow_scripts/train_base_sae.py"
+
+else:
+
+    rule import_base_sae:
+        """One layer of the Llama-Scope release: dataset-wise norms and decoder norms folded
+        into a TopK SAE with sae.k latents, hook point checked against the layer."""
+        input:
+            check=MODEL_CHECK,
+        output:
+            sae=directory(f"{R}/sae/base/layer_{{layer}}"),
+        params:
+            source=SOURCE,
+            k=config["sae"]["k"],
+        wildcard_constraints:
+            layer=r"\d+",
+        log:
+            f"{LOGS}/sae/import_base_layer_{{layer}}.log",
+        benchmark:
+            f"{BENCH}/sae/import_base_layer_{{layer}}.tsv"
+        threads: 1
+        resources:
+            mem_mb=4000,
+            runtime=30,
+        conda:
+            ENV
+        script:
+            "../workflow_scripts/import_base_sae.py"
 
 
 rule adapt_sae:

@@ -1,0 +1,15 @@
+from vlmdiff.data import write_json
+from vlmdiff.llava_more import import_vlm
+from vlmdiff.logs import job_logger
+
+p, out = snakemake.params, snakemake.output
+summary = import_vlm(
+    p.source,
+    out.model,
+    key=p.key,
+    revision=p.revision,
+    vision_tower=p.vision_tower,
+    base_lm=p.base_lm,
+    log=job_logger(snakemake.log[0]),
+)
+write_json(summary, out.summary)

@@ -1,0 +1,27 @@
+from pathlib import Path
+
+from vlmdiff.data import write_json
+from vlmdiff.llava_more import resolve_source
+from vlmdiff.logs import job_logger
+from vlmdiff.real_data import import_vqav2
+
+p, out = snakemake.params, snakemake.output
+v = p.vqav2
+splits = [v["adapt_split"], v["base_split"]]
+root = resolve_source(v["path"], "source.vqav2.path", revision=p.revision,
+                      allow_patterns=[f"data/{s}-*.parquet" for s in splits])
+summary = import_vqav2(
+    root,
+    Path(out.train).parent,
+    adapt_split=v["adapt_split"],
+    adapt_samples=v["adapt_samples"],
+    base_split=v["base_split"],
+    base_samples=v["base_samples"],
+    contrast_samples=v["contrast_samples"],
+    spatial_keywords=p.spatial_keywords,
+    ocr_keywords=p.ocr_keywords,
+    seed=p.seed,
+    log=job_logger(snakemake.log[0]),
+)
+write_json(list(p.neutral_prompts), out.neutral_prompts)
+write_json(summary, out.summary)
