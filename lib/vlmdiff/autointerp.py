@@ -60,9 +60,11 @@ def _data_url(path: Path) -> str:
 
 
 def top_tokens(s: Sample, n: int = 2) -> list[str]:
-    """The `n` most active prompt tokens of a sample (those where the feature fires)."""
-    order = np.argsort(-np.asarray(s.token_acts, float), kind="stable")[:n]
-    return [s.tokens[i] for i in order if s.token_acts[i] > 0]
+    """The `n` most active words of a sample's prompt (where the feature fires; chat-template
+    tokens such as `<|assistant|>` left out: they say nothing about the sample)."""
+    order = np.argsort(-np.asarray(s.token_acts, float), kind="stable")
+    words = [s.tokens[i] for i in order if s.token_acts[i] > 0 and not s.tokens[i].startswith("<")]
+    return words[:n]
 
 
 def evidence_kinds(variant: str, vision: bool) -> list[str]:
@@ -384,3 +386,34 @@ def markdown_table(wide: pd.DataFrame) -> str:
                  f"{num(both['f1_raw'].mean() if len(both) else None)}, OVERLAY "
                  f"{num(both['f1_overlay'].mean() if len(both) else None)}.")
     return "\n".join(lines) + "\n"
+
+
+def fig_autointerp_f1(wide: pd.DataFrame) -> Any:
+    """F1 of each feature's RAW and OVERLAY description (lines join a feature's two points),
+    with each variant's mean; the paper reports OVERLAY about +0.2 above RAW."""
+    from vlmdiff.plots import _note, plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 3.4))
+    ax.set_xticks([0, 1], ["RAW", "OVERLAY"])
+    ax.set_xlim(-0.4, 1.4)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_ylabel("F1 of held-out classification")
+    ax.set_title("Auto-interp: RAW vs OVERLAY", fontsize=10)
+    both = wide.dropna(subset=["f1_raw", "f1_overlay"])
+    for _, r in both.iterrows():
+        ax.plot([0, 1], [r["f1_raw"], r["f1_overlay"]], color="0.6", lw=0.8, marker="o", ms=3)
+    raw_only = wide[wide["f1_raw"].notna() & wide["f1_overlay"].isna()]
+    ax.scatter(np.zeros(len(raw_only)), raw_only["f1_raw"], color="0.6", s=9,
+               label="RAW only (no heat maps)" if len(raw_only) else None)
+    for x, col in ((0, "f1_raw"), (1, "f1_overlay")):
+        vals = wide[col].dropna()
+        if len(vals):
+            ax.hlines(vals.mean(), x - 0.25, x + 0.25, color="C3", lw=2.5)
+            ax.text(x + 0.27, vals.mean(), f"{vals.mean():.2f}", va="center", fontsize=8,
+                    color="C3")
+    if wide[["f1_raw", "f1_overlay"]].notna().sum().sum() == 0:
+        _note(ax, ["no F1: no feature was described and validated"])
+    if len(raw_only):
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
