@@ -19,6 +19,7 @@ include: "rules/cache.smk"
 include: "rules/sae.smk"
 include: "rules/features.smk"
 include: "rules/causal.smk"
+include: "rules/report.smk"
 
 
 rule all:

@@ -131,12 +131,22 @@ def lexical_prompts(wildcards):
 
 
 def figure_outputs(figures):
-    """`{key: png, key_pdf: pdf}` for figures given as `{key: file stem}`."""
+    """`{key: png, key_pdf: pdf}` for figures given as `{key: file stem}`; the PNG is marked
+    for `snakemake --report` with its caption (report/{stem}.rst) and paper section."""
     out = {}
     for key, stem in figures.items():
-        out[key] = f"{R}/figures/{stem}.png"
+        out[key] = report_figure(f"{R}/figures/{stem}.png")
         out[f"{key}_pdf"] = f"{R}/figures/{stem}.pdf"
     return out
+
+
+def report_figure(png):
+    """`png` marked for `snakemake --report`: caption report/{stem}.rst, the paper's section."""
+    from vlmdiff.report import section_of
+
+    stem = Path(png).stem
+    return report(png, caption=f"{workflow.basedir}/report/{stem}.rst",
+                  category=section_of(stem).title)
 
 
 def feature_targets():
@@ -155,6 +165,7 @@ def all_targets():
         f"{R}/tables/sae_adaptation.csv",
         *feature_targets(),
         *causal_targets(),
+        *report_targets(),
     ]
 
 
@@ -211,3 +222,29 @@ def causal_targets():
 def vsr_template(wildcards):
     """The VSR question template; a function, since its `{question}` is no wildcard."""
     return CAUSAL["ablation"]["vsr_template"]
+
+
+# Stage 5: auto-interp, dashboards, the report
+
+AUTOINTERP = config["autointerp"]
+# what the autointerp job needs of the config: the backend and the scoring protocol
+AUTOINTERP_BACKEND = {
+    key: AUTOINTERP[key] for key in ("backend", "rounds", "attempts", "openai", "local")
+}
+AUTOINTERP_FIGURES = {"fig_autointerp": "fig_autointerp_f1"}
+REPORT_HTML = f"{R}/report.html"
+
+
+def report_targets():
+    return [
+        f"{R}/tables/autointerp.csv",
+        f"{R}/tables/autointerp.md",
+        *figure_outputs(AUTOINTERP_FIGURES).values(),
+        f"{R}/dashboards",
+        REPORT_HTML,
+    ]
+
+
+def report_inputs():
+    """Every other target of the run: the report shows them all."""
+    return [t for t in all_targets() if t not in (REPORT_HTML, f"{R}/dashboards")]

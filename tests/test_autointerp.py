@@ -116,7 +116,8 @@ def oracle(body):
         p["text"] for p in user if p["type"] == "text")
     if "analyzing" in system:
         return json.dumps({"description": "this neuron activates for objects left of others"})
-    quoted = re.findall(r'Sample \d+ \([^)]*\): "([^"]*)"', text)
+    assert not re.search(r"Sample \d+ \(", text)  # the source is not shown for validation
+    quoted = re.findall(r'Sample \d+: "([^"]*)"', text)
     return json.dumps({"classifications": [int("left" in q) for q in quoted]})
 
 

@@ -33,8 +33,9 @@ from vlmdiff.llm import Backend, BackendError, Expect, Message, ReplyError, ask
 Log = Callable[[str], None]
 
 VARIANTS = ("raw", "overlay")
-PROMPT_VERSION = "B.1/1"  # part of the cache key: changing the prompts asks everything again
+PROMPT_VERSION = "B.1/3"  # part of the cache key: changing the prompts asks everything again
 SUMMARY_FILE = "summary.json"
+CONTENT_FREE = "N/A"  # the description of the calibration baseline (see llm.LocalBackend)
 
 _SEES = {"raw": "image+text", "overlay": "image+text; OVERLAY also includes attention heatmaps"}
 DESCRIBE_SYSTEM = ("You are analyzing individual neurons using their top-activating samples "
@@ -77,8 +78,10 @@ def evidence_kinds(variant: str, vision: bool) -> list[str]:
 
 def sample_parts(s: Sample, i: int, variant: str, vision: bool, folder: Path, *,
                  show_tokens: bool) -> list[dict[str, Any]]:
-    """One sample as message parts: its text, its picture (or words), its heat map (OVERLAY)."""
-    line = f'Sample {i} ({s.source}): "{s.text}"'
+    """One sample as message parts: its text, its picture (or words), its heat map (OVERLAY).
+    Described examples name their source; samples to classify do not (the negatives all come
+    from VQA, so the source would give the answer away)."""
+    line = f'Sample {i} ({s.source}): "{s.text}"' if show_tokens else f'Sample {i}: "{s.text}"'
     if show_tokens:
         tops = top_tokens(s)
         if tops:
@@ -201,7 +204,8 @@ def interpret(backend: Backend, ev: FeatureEvidence, variant: str, folder: Path,
         for r, chunk in enumerate(validation_rounds(ev, rounds, seed), 1):
             step = f"validation round {r}"
             msgs = validate_messages(value, chunk, variant, backend.vision, folder)
-            got, usage, bad = ask(backend, msgs, Expect("classifications", len(chunk)),
+            null = validate_messages(CONTENT_FREE, chunk, variant, backend.vision, folder)
+            got, usage, bad = ask(backend, msgs, Expect("classifications", len(chunk), null),
                                   attempts=attempts)
             _add_usage(record, usage)
             record["malformed_replies"] += bad
@@ -374,10 +378,13 @@ def markdown_table(wide: pd.DataFrame) -> str:
     def num(v: Any) -> str:
         return "–" if v is None or pd.isna(v) else f"{v:.2f}"
 
+    def text(v: Any) -> str:
+        return "–" if v is None or pd.isna(v) else str(v).replace("|", "/")
+
     for _, r in wide.iterrows():
         lines.append(f"| {r['feature']} | {r['contrast']} | {num(r['f1_raw'])} | "
-                     f"{num(r['f1_overlay'])} | {r['description_raw'] or '–'} | "
-                     f"{r['description_overlay'] or '–'} |")
+                     f"{num(r['f1_overlay'])} | {text(r['description_raw'])} | "
+                     f"{text(r['description_overlay'])} |")
     if wide.empty:
         lines.append("| EMPTY: no selected features to describe | | | | | |")
     both = wide.dropna(subset=["f1_raw", "f1_overlay"])

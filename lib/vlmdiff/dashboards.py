@@ -110,7 +110,8 @@ def row_table(table: pd.DataFrame, empty: str) -> str:
     """`table` (a few rows) as an HTML table, or a note where it is empty."""
     if table.empty:
         return f'<p class="muted">{escape(empty)}</p>'
-    return table.to_html(index=False, border=0, float_format=lambda v: f"{v:.4g}", na_rep="–")
+    body = table.to_html(index=False, border=0, float_format=lambda v: f"{v:.4g}", na_rep="–")
+    return f'<div style="overflow-x: auto">{body}</div>'
 
 
 def _feature_rows(table: pd.DataFrame, ev: FeatureEvidence, label_col: str | None) -> pd.DataFrame:

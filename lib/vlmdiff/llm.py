@@ -43,10 +43,15 @@ class BackendError(RuntimeError):
 
 @dataclass(frozen=True)
 class Expect:
-    """What a reply must hold: `{"description": str}` or `{"classifications": [0/1] * n}`."""
+    """What a reply must hold: `{"description": str}` or `{"classifications": [0/1] * n}`.
+
+    `baseline`: the same classification messages with a content-free description; a backend
+    that reads token probabilities may calibrate against it (the local one does).
+    """
 
     key: str
     n: int | None = None
+    baseline: Sequence[Message] | None = None
 
 
 @dataclass
@@ -226,7 +231,7 @@ class LocalBackend:
         with self._lock:
             if expect.key == "description":
                 return self._describe(messages)
-            return self._classify(messages, expect.n or 0)
+            return self._classify(messages, expect.n or 0, expect.baseline)
 
     def _describe(self, messages: Sequence[Message]) -> Reply:
         import torch
@@ -243,22 +248,33 @@ class LocalBackend:
         sentence = f"{lead}{words}".strip().rstrip(".") + "."
         return Reply(json.dumps({"description": sentence}), len(ids), len(new))
 
-    def _classify(self, messages: Sequence[Message], n: int) -> Reply:
+    def _classify(self, messages: Sequence[Message], n: int,
+                  baseline: Sequence[Message] | None) -> Reply:
+        """Each 0/1 in turn; with a `baseline`, by contextual calibration (Zhao et al., 2021):
+        1 where the description raises log p("1") - log p("0") above what the same samples
+        get under a content-free description. A small model's digits otherwise follow their
+        position in the list more than the description."""
         import torch
 
-        ids = self._prompt(messages, '{"classifications": [')
+        prefix = '{"classifications": ['
+        runs = [self._prompt(messages, prefix)]
+        if baseline is not None:
+            runs.append(self._prompt(baseline, prefix))
         sep = self.tokenizer.encode(", ", add_special_tokens=False)
         picks: list[int] = []
         with torch.no_grad():
-            out = self.lm(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
+            outs = [self.lm(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
+                    for ids in runs]
             for i in range(n):
-                logits = out.logits[0, -1]
-                picks.append(int(logits[self.digits[1]] > logits[self.digits[0]]))
+                margins = [float(o.logits[0, -1, self.digits[1]] - o.logits[0, -1, self.digits[0]])
+                           for o in outs]
+                picks.append(int(margins[0] - (margins[1] if len(margins) > 1 else 0.0) > 0))
                 if i < n - 1:
                     step = torch.tensor([[self.digits[picks[-1]], *sep]], device=self.device)
-                    out = self.lm(input_ids=step, past_key_values=out.past_key_values,
-                                  use_cache=True)
-        return Reply(json.dumps({"classifications": picks}), len(ids), n * (1 + len(sep)))
+                    outs = [self.lm(input_ids=step, past_key_values=o.past_key_values,
+                                    use_cache=True) for o in outs]
+        used = sum(len(ids) for ids in runs)
+        return Reply(json.dumps({"classifications": picks}), used, n * (1 + len(sep)))
 
 
 def _text_of(content: str | Sequence[Mapping[str, Any]]) -> str:

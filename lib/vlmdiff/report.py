@@ -49,7 +49,7 @@ SECTIONS = (
     Section("autointerp", "5.1 Auto-interp", ("fig_autointerp_",), ("autointerp",)),
     Section("attribution", "5.2 Attribution patching", ("fig12_", "fig13_", "fig14_", "fig15_",
                                                         "fig4_", "fig16_", "fig_attribution_"),
-            ("attribution_top_heads", "attribution_vs_patching")),
+            ("attribution_top_heads", "attribution_vs_patching", "attribution")),
     Section("ablation", "5.3 Ablation and steering", ("fig_steering_",),
             ("table1_ablation", "table2_ablation_full", "steering", "ablation_runs")),
 )

@@ -1,0 +1,153 @@
+# Stage 5 (paper 5.1, App. B.1): auto-interpretation of the selected features in two variants
+# (RAW, OVERLAY), a dashboard page per feature, and results/{run}/report.html with every
+# figure and table of the run. The language model's answers are cached outside the outputs
+# (autointerp/cache), so a re-run or an interrupted run never asks a finished feature again.
+
+
+rule autointerp_evidence:
+    """Each feature's top samples (VQA, VQA-spatial, VSR, deduplicated), held-out positives,
+    random negatives: pictures, prompt-token activations, top-head heat maps."""
+    input:
+        vlm=f"{R}/models/vlm_stage2",
+        val=world_file("val"),
+        spatial=world_file("spatial"),
+        vsr=world_file("vsr"),
+        stats=FEATURE_STATS,
+        selected=f"{R}/tables/selected_features.parquet",
+        saes=FEATURE_SAES,
+        scores=f"{R}/causal/attribution.nc",
+    output:
+        evidence=directory(f"{R}/autointerp/evidence"),
+    params:
+        layers=LAYERS,
+        contrasts=AUTOINTERP["contrasts"],
+        max_features=AUTOINTERP["max_features"],
+        k=AUTOINTERP["k"],
+        holdout=AUTOINTERP["holdout"],
+        negatives=AUTOINTERP["negatives"],
+        negative_max_fraction=AUTOINTERP["negative_max_fraction"],
+        n_heads=AUTOINTERP["n_heads"],
+        variant=CAUSAL["attribution"]["variant"],
+        template=vsr_template,
+        batch_size=AUTOINTERP["batch_size"],
+        seed=config["seed"],
+        device=config["device"],
+    log:
+        f"{LOGS}/report/autointerp_evidence.log",
+    benchmark:
+        f"{BENCH}/report/autointerp_evidence.tsv"
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=20,
+        gpu=1,
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/autointerp_evidence.py"
+
+
+rule autointerp:
+    """Description (prompt A) and two validation rounds (prompt B) per feature and variant;
+    one JSON per feature and a summary (F1, token usage) per variant."""
+    input:
+        evidence=f"{R}/autointerp/evidence",
+    output:
+        raw=directory(f"{R}/autointerp/raw"),
+        overlay=directory(f"{R}/autointerp/overlay"),
+    params:
+        backend=AUTOINTERP_BACKEND,
+        cache=f"{R}/autointerp/cache",
+        seed=config["seed"],
+        device=config["device"],
+    log:
+        f"{LOGS}/report/autointerp.log",
+    benchmark:
+        f"{BENCH}/report/autointerp.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/autointerp.py"
+
+
+rule autointerp_table:
+    """RAW vs OVERLAY: one row per feature and variant, the side-by-side markdown table, and
+    the F1 figure."""
+    input:
+        raw=f"{R}/autointerp/raw",
+        overlay=f"{R}/autointerp/overlay",
+    output:
+        table=report(f"{R}/tables/autointerp.csv", caption="../report/autointerp_table.rst",
+                     category="5.1 Auto-interp"),
+        markdown=f"{R}/tables/autointerp.md",
+        **figure_outputs(AUTOINTERP_FIGURES),
+    log:
+        f"{LOGS}/report/autointerp_table.log",
+    benchmark:
+        f"{BENCH}/report/autointerp_table.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/autointerp_table.py"
+
+
+rule dashboards:
+    """One static HTML page per described feature (statistics, samples with token shading,
+    heat maps, top heads, ablation row, descriptions and F1) and an index."""
+    input:
+        evidence=f"{R}/autointerp/evidence",
+        raw=f"{R}/autointerp/raw",
+        overlay=f"{R}/autointerp/overlay",
+        features=f"{R}/tables/features.parquet",
+        heads=f"{R}/tables/attribution_top_heads.csv",
+        ablation=ABLATION_TABLES["table2_csv"],
+    output:
+        pages=report(directory(f"{R}/dashboards"), htmlindex="index.html",
+                     caption="../report/dashboards.rst", category="5.1 Auto-interp"),
+    log:
+        f"{LOGS}/report/dashboards.log",
+    benchmark:
+        f"{BENCH}/report/dashboards.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/dashboards.py"
+
+
+rule report:
+    """results/{run}/report.html: every figure and table in the paper's order, links to the
+    dashboards, the config, software versions and the jobs' timings."""
+    input:
+        targets=report_inputs(),
+        dashboards=f"{R}/dashboards",
+    output:
+        html=report(REPORT_HTML, caption="../report/report.rst", category="Report"),
+    params:
+        run=RUN,
+        config=config,
+        benchmarks=BENCH,
+        captions=f"{workflow.basedir}/report",
+    log:
+        f"{LOGS}/report/report.log",
+    benchmark:
+        f"{BENCH}/report/report.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/report.py"
