@@ -183,28 +183,28 @@ def fig14_feature_panels(ds: xr.Dataset, variant: str,
         return fig
     summary = top_head_summary(ds, variant).set_index("feature")
     n_ov = max((len(v) for v in overlays.values()), default=0)
-    fig, axes = plt.subplots(len(feats), 2 + n_ov, figsize=(3.4 * 2 + 2.1 * n_ov,
-                                                             3.4 * len(feats)), squeeze=False)
-    for i, feat in enumerate(feats):
+    # One subfigure per feature, so each row's title sits above its own panels and the
+    # constrained layout keeps colour bars and titles from running into the next row.
+    fig = plt.figure(figsize=(3.2 * 2 + 2.0 * n_ov, 3.0 * len(feats) + 0.4), layout="constrained")
+    subs = fig.subfigures(len(feats), 1, squeeze=False)[:, 0]
+    for sub, feat in zip(subs, feats, strict=True):
         s = summary.loc[feat]
+        axes = sub.subplots(1, 2 + n_ov, width_ratios=[1.45, 1.45] + [1.0] * n_ov, squeeze=False)[0]
         for j, method in enumerate(("A", "B")):
-            _heatmap(axes[i, j], abs(_feature_map(ds, feat, method, variant)),
-                     f"|Method {method}| ({variant})", fig, label="")
+            _heatmap(axes[j], abs(_feature_map(ds, feat, method, variant)),
+                     f"|Method {method}| ({variant})", sub, label="")
         for j in range(n_ov):
-            ax = axes[i, 2 + j]
             if j < len(overlays.get(feat, [])):
-                draw_overlay(ax, overlays[feat][j])
+                draw_overlay(axes[2 + j], overlays[feat][j])
             else:
-                ax.set_axis_off()
+                axes[2 + j].set_axis_off()
         rel = relations.get(feat, "")
-        axes[i, 0].annotate(
-            f"{feat} (layer {s['layer']}, feature {s['feature_index']})"
-            + (f" · VSR relation: {rel}" if rel else "")
-            + f" · top heads A: {s['top_A']} · B: {s['top_B']} · overlap: {s['overlap'] or 'none'}",
-            xy=(0, 1.3), xycoords="axes fraction", fontsize=7.5, fontweight="bold",
-        )
-    fig.tight_layout(h_pad=3.0)
-    fig.suptitle("Attribution patching on individual features", fontsize=10, y=1.02)
+        head = (f"{feat} (layer {s['layer']}, feature {s['feature_index']})"
+                + (f" · VSR relation: {rel}" if rel else "")
+                + f" · top heads A: {s['top_A']} · B: {s['top_B']} · overlap: {s['overlap'] or 'none'}")
+        sub.suptitle("\n".join(textwrap.wrap(head, 40 + 25 * n_ov)), fontsize=8,
+                     fontweight="bold", x=0.01, ha="left")
+    fig.suptitle("Attribution patching on individual features", fontsize=10)
     return fig
 
 
