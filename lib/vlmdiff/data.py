@@ -98,14 +98,20 @@ def vqa_features() -> Features:
     )
 
 
-def vsr_features() -> Features:
-    """Features of `cambridgeltl/vsr_random` (image, caption, label, relation) plus extras."""
+def vsr_features(extras: Mapping[str, Any] | None = None) -> Features:
+    """Features of `cambridgeltl/vsr_random` (image, caption, label, relation) plus `extras`
+    (default: the shapes world's object names, image id and scene)."""
+    base = {
+        "image": Image(),
+        "caption": Value("string"),
+        "label": Value("int64"),
+        "relation": Value("string"),
+    }
+    if extras is not None:
+        return Features({**base, **extras})
     return Features(
         {
-            "image": Image(),
-            "caption": Value("string"),
-            "label": Value("int64"),
-            "relation": Value("string"),
+            **base,
             "subj": Value("string"),
             "obj": Value("string"),
             "obj2": Value("string"),

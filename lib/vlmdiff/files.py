@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import xarray as xr
@@ -61,3 +63,20 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json_object(path: str | os.PathLike, error: type[Exception] = ValueError,
+                     what: str = "") -> dict[str, Any]:
+    """The JSON object in `path`; a missing file raises FileNotFoundError and malformed JSON or
+    a non-object raises `error`, each naming the file (prefixed by `what` where given)."""
+    path = Path(path)
+    prefix = f"{what}: " if what else ""
+    if not path.is_file():
+        raise FileNotFoundError(f"{prefix}{path} is missing")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw

@@ -22,7 +22,6 @@ the reconstruction of any set of kept latents is the release's reconstruction of
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from vlmdiff.files import read_json_object
 from vlmdiff.sae import (
     HYPERPARAMS_FILE,
     LAYOUT_KEYS,
@@ -70,16 +70,7 @@ def is_release_format(raw: dict[str, Any]) -> bool:
 
 def read_hyperparams(folder: str | Path) -> dict[str, Any]:
     """Parse `folder/hyperparams.json`, naming the file when it is missing or not valid JSON."""
-    path = Path(folder) / HYPERPARAMS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"SAE folder {folder}: {path} is missing")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SAEFormatError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise SAEFormatError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
+    return read_json_object(Path(folder) / HYPERPARAMS_FILE, SAEFormatError, f"SAE folder {folder}")
 
 
 def check_hook_points(raw: dict[str, Any], source: Path, layer: int) -> str:

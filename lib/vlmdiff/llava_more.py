@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from vlmdiff.files import read_json_object
+
 Log = Callable[[str], Any]
 
 IMAGE_TOKEN = "<image>"
@@ -103,15 +105,7 @@ def resolve_source(
 
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from `path`, naming the file when it is missing or malformed."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise ConversionError(f"{path}: expected a JSON object")
-    return raw
+    return read_json_object(path, ConversionError)
 
 
 def model_format(config: Mapping[str, Any]) -> str:

@@ -23,8 +23,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from datasets import Features, Image, Value
+from datasets import Features, Value
 
+from vlmdiff import data
 from vlmdiff.data import VQA_COLUMNS, keyword_mask, vqa_features
 
 Log = Callable[[str], Any]
@@ -196,16 +197,7 @@ def chosen_answer_types(files: Sequence[Path], index: pa.Table) -> list[str]:
 
 def vsr_features() -> Features:
     """VSR's columns with the image embedded, plus where it came from."""
-    return Features(
-        {
-            "image": Image(),
-            "caption": Value("string"),
-            "label": Value("int64"),
-            "relation": Value("string"),
-            "image_link": Value("string"),
-            "image_file": Value("string"),
-        }
-    )
+    return data.vsr_features({"image_link": Value("string"), "image_file": Value("string")})
 
 
 def read_vsr_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
