@@ -203,6 +203,12 @@ ABLATION_TABLES = {
     for name, stem in (("table1", "table1_ablation"), ("table2", "table2_ablation_full"))
     for ext in ("csv", "md", "tex")
 }
+# the paper's tables 1 and 2 in `snakemake --report`
+for _name in ("table1", "table2"):
+    _csv = ABLATION_TABLES[f"{_name}_csv"]
+    ABLATION_TABLES[f"{_name}_csv"] = report(
+        _csv, caption=f"{workflow.basedir}/report/{Path(_csv).stem}.rst",
+        category="5.3 Ablation and steering")
 FEATURE_SAES = expand(f"{R}/sae/{FEATURE_REGIME}/layer_{{layer}}", layer=LAYERS)
 
 

@@ -1,5 +1,6 @@
 """Feature dashboards and the report page, built from small synthetic run outputs."""
 
+import io
 import json
 import re
 from html.parser import HTMLParser
@@ -198,3 +199,21 @@ def test_report_loads_in_headless_chromium(run_dir, tmp_path):
     assert any("fig2_feature_selection.png" in f for f in failed)
     assert any("fig2_feature_selection.png" in b for b in broken)
     json.dumps(failed)
+
+
+def rst_problems(text):
+    """Warnings and errors docutils reports while reading `text` as reStructuredText."""
+    from docutils.core import publish_doctree
+
+    stream = io.StringIO()
+    publish_doctree(text, settings_overrides={"report_level": 2, "halt_level": 5,
+                                              "warning_stream": stream})
+    return stream.getvalue()
+
+
+def test_captions_are_valid_rst(root):
+    assert "Undefined substitution" in rst_problems("sum of |score| per head")  # it notices
+    captions = sorted((root / "report").glob("*.rst"))
+    assert captions
+    for path in captions:
+        assert not rst_problems(path.read_text()), path.name

@@ -297,7 +297,7 @@ def test_autointerp_outputs(tiny_run, tiny_config):
     assert (tiny_run / "figures/fig_autointerp_f1.png").stat().st_size > 1000
 
 
-def test_report_and_dashboards_hold_every_figure(tiny_run):
+def test_report_and_dashboards_hold_every_figure(root, tiny_run):
     from test_report import image_refs, missing_references
 
     report = tiny_run / "report.html"
@@ -306,6 +306,8 @@ def test_report_and_dashboards_hold_every_figure(tiny_run):
     pngs = {p.resolve() for p in (tiny_run / "figures").glob("*.png")}
     pngs.add((tiny_run / "models/vlm_eval.png").resolve())
     assert pngs and pngs <= shown, sorted(map(str, pngs - shown))
+    uncaptioned = [p.stem for p in pngs if not (root / f"report/{p.stem}.rst").is_file()]
+    assert not uncaptioned  # every figure has its caption (report.html and snakemake --report)
     dashboards = sorted((tiny_run / "dashboards").glob("*.html"))
     assert tiny_run / "dashboards/index.html" in dashboards
     text = report.read_text()
@@ -343,8 +345,9 @@ def test_autointerp_rerun_asks_nothing_and_snakemake_report(root, tiny_run, tmp_
     zipped = tmp_path / "report.zip"
     proc = snakemake(root, workdir, "--report", str(zipped))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(ERROR/" not in proc.stderr, proc.stderr[-3000:]  # captions are valid RST
     with zipfile.ZipFile(zipped) as z:
         names = "\n".join(z.namelist())
     for stem in ("fig_autointerp_f1.png", "fig12_attribution_layers.png", "report.html",
-                 "autointerp.csv"):
+                 "autointerp.csv", "table1_ablation.csv", "fig1_fvu_adaptation.png"):
         assert stem in names, stem
