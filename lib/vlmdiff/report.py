@@ -153,7 +153,8 @@ def collect(files: Sequence[str | Path], run_dir: Path, captions_dir: Path
         elif f.suffix == ".json" and f.is_file():
             text = f.read_text()
             parts[section_of(f.stem, "table").key]["tables"].append(
-                {"name": rel, "stem": f.stem, "html": f"<pre>{html.escape(text[:4000])}</pre>"})
+                {"name": rel, "stem": f.stem, "html": "<details><summary>show</summary>"
+                 f"<pre>{html.escape(text)}</pre></details>"})
         elif f.suffix in (".md", ".tex", ".parquet", ".nc"):
             parts[section_of(f.stem, "table").key]["links"].append(rel)
     out = []
@@ -194,7 +195,8 @@ autoencoders: adaptation, adapted features, spatial features, auto-interp, attri
 {% for t in s.tables %}<h3 id="table-{{ t.stem }}">{{ t.name }}</h3>{{ t.html|safe }}{% endfor %}
 {% if s.links %}<p class="muted">Also: {% for l in s.links %}<a href="{{ l }}">{{ l }}</a> {% endfor %}</p>{% endif %}
 {% endfor %}
-<h2 id="config">Config used</h2><pre>{{ config }}</pre>
+<h2 id="config">Config used</h2>
+<details><summary>config (YAML, defaults filled in)</summary><pre>{{ config }}</pre></details>
 <h2 id="versions">Software versions</h2>
 <table>{% for k, v in versions.items() %}<tr><th>{{ k }}</th><td>{{ v }}</td></tr>{% endfor %}</table>
 <h2 id="timings">Timings</h2>
