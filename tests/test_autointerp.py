@@ -407,3 +407,26 @@ def test_heat_overlay_colours_where_attention_is():
     hot, cold = out[10, IMAGE_PX - 10], out[IMAGE_PX - 10, 10]
     assert hot[0] > hot[2] and cold[2] > cold[0]  # red where attended, blue elsewhere
     assert picture(img).size == (IMAGE_PX, IMAGE_PX)
+
+
+def test_openai_requests_in_flight_are_bounded(tmp_path):
+    evidence = tmp_path / "evidence"
+    evidence.mkdir()
+    make_evidence(evidence, 3)
+    state = {"now": 0, "peak": 0}
+    lock = threading.Lock()
+
+    def slow_oracle(body):
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        time.sleep(0.15)
+        with lock:
+            state["now"] -= 1
+        return oracle(body)
+
+    with ScriptedServer(default=slow_oracle) as srv:
+        recs = autointerp_job(evidence, {"raw": tmp_path / "raw"}, tmp_path / "cache",
+                              openai_cfg(srv.url, concurrency=2), seed=0, log=lambda m: None)
+    assert all(r["status"] == "ok" for r in recs["raw"])
+    assert len(srv.requests) == 9 and state["peak"] == 2  # 3 features in parallel, at most 2

@@ -237,6 +237,17 @@ def _write_json(obj: Any, path: Path) -> None:
         tmp.write_text(json.dumps(obj, indent=1))
 
 
+def _ask_and_keep(backend: Backend, ev: FeatureEvidence, variant: str, folder: Path, path: Path,
+                  *, rounds: int, attempts: int, seed: int) -> dict[str, Any]:
+    """`interpret`, its record cached as soon as it is done (failures are not): an
+    interrupted run loses only the features in flight."""
+    rec = {**interpret(backend, ev, variant, folder, rounds=rounds, attempts=attempts,
+                       seed=seed), "cached": False}
+    if rec["status"] != "failed":
+        _write_json(rec, path)
+    return rec
+
+
 def _identity(cfg: Mapping[str, Any]) -> tuple[str, str, bool]:
     """(backend, model, vision) a config names, known before any model is loaded."""
     kind = cfg["backend"]
@@ -282,18 +293,18 @@ def autointerp_job(
         f"(feature, variant) pair(s) cached, {len(todo)} to ask")
     run_usage = {v: {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0} for v in out_dirs}
     if todo:
-        backend = make_backend(cfg, device)
         start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=backend.concurrency) as pool:
-            futures = {pool.submit(interpret, backend, ev, variant, folder, rounds=rounds,
-                                   attempts=attempts, seed=seed): (ev, variant, path)
+        backend = make_backend(cfg, device)
+        log(f"{name} backend ready in {time.perf_counter() - start:.1f} s")
+        start = time.perf_counter()
+        pool = ThreadPoolExecutor(max_workers=backend.concurrency)
+        try:
+            futures = {pool.submit(_ask_and_keep, backend, ev, variant, folder, path,
+                                   rounds=rounds, attempts=attempts, seed=seed): (ev, variant)
                        for ev, variant, path in todo}
             for done, fut in enumerate(as_completed(futures), 1):
-                ev, variant, path = futures[fut]
-                rec = {**fut.result(), "cached": False}
-                if rec["status"] != "failed":
-                    _write_json(rec, path)
-                records[ev.label, variant] = rec
+                ev, variant = futures[fut]
+                rec = records[ev.label, variant] = fut.result()
                 for k, v in rec["usage"].items():
                     run_usage[variant][k] += v
                 elapsed = time.perf_counter() - start
@@ -301,6 +312,9 @@ def autointerp_job(
                 log(f"{ev.label} {variant}: {rec['status']}, F1 {rec['f1']}, "
                     f"{rec['description']!r} ({done}/{len(todo)}, {elapsed:.0f} s elapsed, "
                     f"eta {eta:.0f} s){' ' + rec['error'] if rec['error'] else ''}")
+        finally:
+            # interrupted: what has not started is dropped; what finished is in the cache
+            pool.shutdown(wait=False, cancel_futures=True)
     out: dict[str, list[dict[str, Any]]] = {}
     for variant, target in out_dirs.items():
         recs = [records[ev.label, variant] for ev in evs]

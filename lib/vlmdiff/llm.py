@@ -20,7 +20,6 @@ import json
 import os
 import re
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,9 +304,6 @@ def make_backend(cfg: Mapping[str, Any], device: str = "auto") -> Backend:
         from vlmdiff.models import resolve_device
 
         loc = cfg["local"]
-        start = time.perf_counter()
-        backend = LocalBackend(loc.get("model"), max_new_tokens=loc["max_new_tokens"],
-                               device=str(resolve_device(device)))
-        backend.load_s = time.perf_counter() - start  # type: ignore[attr-defined]
-        return backend
+        return LocalBackend(loc.get("model"), max_new_tokens=loc["max_new_tokens"],
+                            device=str(resolve_device(device)))
     raise ValueError(f"autointerp.backend: unknown backend {kind!r} (auto, openai or local)")
