@@ -286,6 +286,10 @@ class _Sources:
     def key(self, source: str, row: int) -> Hashable:
         return self.keys[source][row]
 
+    def question(self, source: str, row: int) -> str:
+        """The prompt the VLM read (for VSR: the caption as a question)."""
+        return self.data[source][row]["question"]
+
 
 def _ranked(stats_top: Mapping[str, Mapping[tuple[int, int], np.ndarray]],
             vsr_best: np.ndarray, key: tuple[int, int], sources: _Sources
@@ -439,9 +443,9 @@ def _draw(ev: FeatureEvidence, heads: Sequence[tuple[int, int]], model: Any, pro
     images = [sources.data[s.source][s.row]["image"] for s in samples]
     grids = None
     if heads:
-        grids = attention_to_image(model, processor, images, [s.text if s.source != "VSR" else
-                                   sources.data["VSR"][s.row]["question"] for s in samples],
-                                   list(heads), device=dev).mean(axis=1)
+        questions = [sources.question(s.source, s.row) for s in samples]
+        grids = attention_to_image(model, processor, images, questions, list(heads),
+                                   device=dev).mean(axis=1)
     for i, (s, img) in enumerate(zip(samples, images, strict=True)):
         s.image = f"img/{ev.label}_{i}.png"
         _save_png(picture(img), out / s.image)
