@@ -124,6 +124,27 @@ def test_training_fits_a_tiny_task(tiny):
     assert hist[-1]["loss"] < 0.2 * hist[0]["loss"]
 
 
+def test_length_pooled_batches_cover_each_epoch_with_less_padding():
+    rng = np.random.default_rng(0)
+    seqs = [torch.arange(1, int(n) + 1) for n in rng.integers(5, 60, size=256)]
+    data = Encoded(seqs, seqs)
+
+    def epoch(pool: int) -> tuple[list[int], float]:
+        it = batches(data, 8, 0, seed=3, length_pool=pool)
+        lengths, cells = [], 0
+        for _ in range(256 // 8):
+            mask = next(it)["attention_mask"]
+            lengths += mask.sum(dim=1).tolist()
+            cells += mask.numel()
+        return sorted(lengths), cells / sum(lengths)
+
+    plain_lengths, plain_pad = epoch(1)
+    pooled_lengths, pooled_pad = epoch(16)
+    every = sorted(len(x) for x in seqs)
+    assert plain_lengths == every and pooled_lengths == every  # one epoch = every sample once
+    assert pooled_pad < 1.1 < plain_pad
+
+
 def test_nan_loss_stops_with_tag(tiny):
     tok, *_ = tiny
     lm = build_lm(tok, {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,

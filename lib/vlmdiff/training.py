@@ -31,6 +31,7 @@ class OptimConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     log_every: int = 25
+    length_pool: int = 1
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any]) -> OptimConfig:
@@ -205,18 +206,30 @@ def with_captions(ds: Dataset, scene_cfg: Mapping[str, Any], keep_questions: boo
 
 
 def batches(
-    data: Encoded, batch_size: int, pad_id: int, seed: int, start_step: int = 0
+    data: Encoded, batch_size: int, pad_id: int, seed: int, length_pool: int = 1
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless right-padded mini-batches, reshuffled each epoch."""
+    """Endless right-padded mini-batches, reshuffled each epoch.
+
+    With `length_pool` > 1 each run of `length_pool` batches of the shuffled order is sorted by
+    sequence length before it is cut into batches, and those batches come in random order: the
+    same samples per epoch, far less padding (the toy corpus pads ~30 % with plain batches).
+    """
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(data))
-    pos = 0
+    if length_pool <= 1:
+        while True:
+            order = rng.permutation(len(data))
+            for start in range(0, len(order) - batch_size + 1, batch_size):
+                yield collate(data, order[start : start + batch_size], pad_id)
+    lengths = np.array([len(ids) for ids in data.input_ids])
+    pool = batch_size * length_pool
     while True:
-        if pos + batch_size > len(order):
-            order, pos = rng.permutation(len(data)), 0
-        idx = order[pos : pos + batch_size]
-        pos += batch_size
-        yield collate(data, idx, pad_id)
+        order = rng.permutation(len(data))
+        for start in range(0, len(order) - batch_size + 1, pool):
+            chunk = order[start : start + pool]
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            groups = [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+            for g in rng.permutation(len(groups)):
+                yield collate(data, groups[g], pad_id)
 
 
 def collate(data: Encoded, idx: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
@@ -343,7 +356,7 @@ def pretrain_lm(
     model = build_lm(tokenizer, lm_cfg, seed).to(device)
     log(f"LM: {sum(p.numel() for p in model.parameters()):,} parameters")
     ocfg = OptimConfig.from_mapping(lm_cfg["train"])
-    it = batches(data, ocfg.batch_size, tokenizer.pad_token_id, seed)
+    it = batches(data, ocfg.batch_size, tokenizer.pad_token_id, seed, ocfg.length_pool)
     history = train(model, list(model.parameters()), it, ocfg, device, "lm", log)
     return model, tokenizer, history
 
@@ -374,7 +387,7 @@ def train_vlm_stage(
     params = set_stage_trainable(vlm, stage, optim_cfg.get("train_vision", True))
     log(f"stage {stage}: {sum(p.numel() for p in params):,} trainable parameters")
     ocfg = OptimConfig.from_mapping(optim_cfg)
-    it = batches(data, ocfg.batch_size, processor.tokenizer.pad_token_id, seed)
+    it = batches(data, ocfg.batch_size, processor.tokenizer.pad_token_id, seed, ocfg.length_pool)
     vlm.to(device)
     history = train(vlm, params, it, ocfg, device, f"vlm stage {stage}", log)
     for p in vlm.parameters():
