@@ -589,7 +589,8 @@ def write_ablation_tables(runs: pd.DataFrame, out: Mapping[str, str | Path], con
                 "n_vqa", "n_seeds"] if name == "table2" else ["feature", "layer",
                                                                 "feature_index", "vsr_relations",
                                                                 "vsr_or", "n_seeds"]
-        metrics = [c for c in summary.columns if c.rsplit("_", 1)[0] in columns.values()]
+        metrics = [c for c in summary.columns
+                   if c not in cols and c.rsplit("_", 1)[0] in columns.values()]
         write_table(summary[cols + metrics], out[f"{name}_csv"])
         shown = paper_table(summary, columns)
         texts = {
