@@ -2,7 +2,7 @@ import json
 from pathlib import Path
 
 from vlmdiff.config import ConfigError, load_schema, validate_config
-from vlmdiff.sources import SourceMismatch, check_locations, check_sources
+from vlmdiff.sources import SourceMismatch, check_sources, source_problems
 
 try:
     validate_config(config, load_schema(Path(workflow.basedir) / "schemas/config.schema.yaml"))
@@ -32,19 +32,7 @@ MODEL_CHECK = f"{R}/models/sources_check.json"
 def check_source_config(source, layers, config_layers):
     """Source combinations and locations; local model and SAE files checked against each other
     while the DAG is built, so a mismatch stops the run before any job starts."""
-    problems = check_locations(source)
-    if source["world"] == "vqav2" and not (source["vqav2"]["path"] and source["vsr"]["path"]
-                                          and source["vsr"]["coco_images"]):
-        problems.append("source.world: vqav2 needs source.vqav2.path, source.vsr.path and "
-                        "source.vsr.coco_images")
-    if source["models"] == "import" and not source["vlm"]:
-        problems.append("source.models: import needs source.vlm")
-    if source["models"] == "train" and source["world"] != "shapes":
-        problems.append("source.models: train works on the shapes world only; use import")
-    if source["saes"] == "llama_scope" and not source["llama_scope"]:
-        problems.append("source.saes: llama_scope needs source.llama_scope")
-    if source["saes"] == "train" and source["models"] != "train":
-        problems.append("source.saes: train needs the workflow's own LM (source.models: train)")
+    problems = source_problems(source)
     if problems:
         raise WorkflowError("invalid config: " + "; ".join(problems))
     if source["models"] == "import":

@@ -20,7 +20,7 @@ from paper_fixtures import (
 from vlmdiff.cache import open_store
 from vlmdiff.data import load_split
 from vlmdiff.llama_scope import load_llama_scope
-from vlmdiff.sources import SourceMismatch, check_sources
+from vlmdiff.sources import SourceMismatch, check_sources, source_problems
 
 pytestmark = pytest.mark.workflow
 
@@ -145,3 +145,17 @@ def test_import_rules_and_a_cache_shard_run(root, fixtures, tmp_path):
     assert n_samples == 12 and int(is_image.sum()) == 4 * n_samples  # 4 image tokens each
     sae = load_llama_scope(R / "sae/base/layer_1", 1, k=50)
     assert sae.k == 50 and sae.d_model == D_MODEL
+
+
+def test_source_problems_name_impossible_combinations(tmp_path):
+    source = {"world": "shapes", "models": "train", "saes": "train", "vlm": None,
+              "llama_scope": None, "vqav2": {"path": None}, "vsr": {"path": None, "coco_images": None}}
+    assert source_problems(source) == []
+    bad = {**source, "world": "vqav2", "saes": "llama_scope"}
+    problems = " | ".join(source_problems(bad))
+    assert "vqav2 needs source.vqav2.path" in problems
+    assert "train works on the shapes world only" in problems
+    assert "llama_scope needs source.llama_scope" in problems
+    missing = {**source, "models": "import", "vlm": str(tmp_path / "nowhere")}
+    problems = " | ".join(source_problems(missing))
+    assert "source.vlm" in problems and "neither a local path nor a Hub id" in problems

@@ -36,6 +36,25 @@ def check_locations(source: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def source_problems(source: Mapping[str, Any]) -> list[str]:
+    """Problems with the `source` section: missing or wrong locations, and combinations of
+    world, models and SAEs that cannot work together."""
+    problems = check_locations(source)
+    if source["world"] == "vqav2" and not (source["vqav2"]["path"] and source["vsr"]["path"]
+                                          and source["vsr"]["coco_images"]):
+        problems.append("source.world: vqav2 needs source.vqav2.path, source.vsr.path and "
+                        "source.vsr.coco_images")
+    if source["models"] == "import" and not source["vlm"]:
+        problems.append("source.models: import needs source.vlm")
+    if source["models"] == "train" and source["world"] != "shapes":
+        problems.append("source.models: train works on the shapes world only; use import")
+    if source["saes"] == "llama_scope" and not source["llama_scope"]:
+        problems.append("source.saes: llama_scope needs source.llama_scope")
+    if source["saes"] == "train" and source["models"] != "train":
+        problems.append("source.saes: train needs the workflow's own LM (source.models: train)")
+    return problems
+
+
 def is_local(value: str | None) -> bool:
     return bool(value) and Path(str(value)).expanduser().exists()
 
