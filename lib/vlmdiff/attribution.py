@@ -473,6 +473,14 @@ def head_label(layer: int, head: int) -> str:
     return f"L{layer}H{head}"
 
 
+def feature_head_scores(ds: xr.Dataset, feature: str, method: str, variant: str) -> xr.DataArray:
+    """A feature's `[layer, head]` scores of one method and variant, up to its own layer."""
+    layer = int(ds["feature_layer"].sel(feature=feature))
+    return ds["score"].sel({"feature": feature, "method": method, "variant": variant}).isel(
+        layer=slice(0, layer + 1)
+    )
+
+
 def ranked_heads(scores: xr.DataArray, n: int, *, bottom: bool = False) -> list[tuple[int, int]]:
     """The `n` heads with the largest (`bottom`: smallest) |score| of a `[layer, head]` map,
     among the layers up to the feature's own (later heads cannot reach it)."""

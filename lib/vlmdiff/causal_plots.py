@@ -12,7 +12,7 @@ import pandas as pd
 import xarray as xr
 from PIL import Image
 
-from vlmdiff.attribution import head_label, ranked_heads
+from vlmdiff.attribution import feature_head_scores, head_label, ranked_heads
 from vlmdiff.plots import _note, plt
 
 METHOD_NAMES = {"A": "Method A: (corr − clean)·∇clean", "B": "Method B: (clean − corr)·∇corr"}
@@ -40,13 +40,6 @@ def _normalised(scores: xr.DataArray) -> xr.DataArray:
     a = abs(scores)
     top = a.max(("layer", "head"))
     return a / top.where(top > 0, 1)
-
-
-def _feature_map(ds: xr.Dataset, feature: str, method: str, variant: str) -> xr.DataArray:
-    layer = int(ds["feature_layer"].sel(feature=feature))
-    return ds["score"].sel({"feature": feature, "method": method, "variant": variant}).isel(
-        layer=slice(0, layer + 1)
-    )
 
 
 def fig12_attribution_layers(ds: xr.Dataset, variant: str) -> plt.Figure:
@@ -106,8 +99,8 @@ def top_head_summary(ds: xr.Dataset, variant: str, n: int = 3) -> pd.DataFrame:
     """Top-`n` heads per feature and method (by |score|), their overlap, and bottom-`n` heads."""
     rows = []
     for feat in ds["feature"].values:
-        tops = {m: ranked_heads(_feature_map(ds, feat, m, variant), n) for m in ("A", "B")}
-        bottoms = {m: ranked_heads(_feature_map(ds, feat, m, variant), n, bottom=True)
+        tops = {m: ranked_heads(feature_head_scores(ds, feat, m, variant), n) for m in ("A", "B")}
+        bottoms = {m: ranked_heads(feature_head_scores(ds, feat, m, variant), n, bottom=True)
                    for m in ("A", "B")}
         overlap = [h for h in tops["A"] if h in tops["B"]]
         rows.append({
@@ -191,7 +184,7 @@ def fig14_feature_panels(ds: xr.Dataset, variant: str,
         s = summary.loc[feat]
         axes = sub.subplots(1, 2 + n_ov, width_ratios=[1.45, 1.45] + [1.0] * n_ov, squeeze=False)[0]
         for j, method in enumerate(("A", "B")):
-            _heatmap(axes[j], abs(_feature_map(ds, feat, method, variant)),
+            _heatmap(axes[j], abs(feature_head_scores(ds, feat, method, variant)),
                      f"|Method {method}| ({variant})", sub, label="")
         for j in range(n_ov):
             if j < len(overlays.get(feat, [])):

@@ -307,12 +307,11 @@ def feature_heads(attribution: xr.Dataset | None, label: str, variant: str,
                   n: int) -> list[tuple[int, int]]:
     """The feature's top `n` heads by Method B (the paper's more reliable one), or none where
     the causal stage did not score it."""
-    from vlmdiff.attribution import ranked_heads
-    from vlmdiff.causal_plots import _feature_map
+    from vlmdiff.attribution import feature_head_scores, ranked_heads
 
     if attribution is None or label not in set(attribution["feature"].values.tolist()):
         return []
-    return ranked_heads(_feature_map(attribution, label, "B", variant), n)
+    return ranked_heads(feature_head_scores(attribution, label, "B", variant), n)
 
 
 def evidence_job(

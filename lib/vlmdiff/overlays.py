@@ -17,10 +17,9 @@ import pandas as pd
 import xarray as xr
 
 from vlmdiff.ablation import relation_subset, top_vsr_rows, vsr_split
-from vlmdiff.attribution import attention_to_image, head_label, ranked_heads
+from vlmdiff.attribution import attention_to_image, feature_head_scores, head_label, ranked_heads
 from vlmdiff.causal_plots import (
     Overlay,
-    _feature_map,
     fig14_feature_panels,
     overlay_grid,
 )
@@ -38,7 +37,7 @@ def recurring_head(ds: xr.Dataset, variant: str, n: int = 3) -> tuple[tuple[int,
     for feat in ds["feature"].values:
         heads = set()
         for m in ("A", "B"):
-            grid = abs(_feature_map(ds, feat, m, variant))
+            grid = abs(feature_head_scores(ds, feat, m, variant))
             peak = float(grid.max()) or 1.0
             for h in ranked_heads(grid, n):
                 heads.add(h)
@@ -137,8 +136,8 @@ def overlay_job(
     panels, controls = {}, []
     for feat in feats:
         picks = samples.picks(feat, 1)
-        tops = {m: ranked_heads(_feature_map(ds, feat, m, variant), 1)[0] for m in ("A", "B")}
-        bottoms = {m: ranked_heads(_feature_map(ds, feat, m, variant), 1, bottom=True)[0]
+        tops = {m: ranked_heads(feature_head_scores(ds, feat, m, variant), 1)[0] for m in ("A", "B")}
+        bottoms = {m: ranked_heads(feature_head_scores(ds, feat, m, variant), 1, bottom=True)[0]
                    for m in ("A", "B")}
         panels[feat] = [o for m in ("A", "B") for o in draw(tops[m], picks, f"top head, {m}")]
         controls.append([o for m in ("A", "B")
@@ -157,7 +156,7 @@ def overlay_job(
     top_row = draw(head, picks, "recurring head")
     middle = []
     for owner, pick in owned:
-        bottom = ranked_heads(_feature_map(ds, owner, "B", variant), 1, bottom=True)[0]
+        bottom = ranked_heads(feature_head_scores(ds, owner, "B", variant), 1, bottom=True)[0]
         middle += draw(bottom, [pick], f"bottom head of {owner}")
     unrelated = [unrelated_queries[i % len(unrelated_queries)] for i in range(len(picks))]
     bottom_row = draw(head, picks, "unrelated query", unrelated) if unrelated_queries else []
