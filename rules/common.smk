@@ -123,18 +123,18 @@ def figure_outputs(figures):
     for `snakemake --report` with its caption (report/{stem}.rst) and paper section."""
     out = {}
     for key, stem in figures.items():
-        out[key] = report_figure(f"{R}/figures/{stem}.png")
+        out[key] = report_output(f"{R}/figures/{stem}.png")
         out[f"{key}_pdf"] = f"{R}/figures/{stem}.pdf"
     return out
 
 
-def report_figure(png):
-    """`png` marked for `snakemake --report`: caption report/{stem}.rst, the paper's section."""
+def report_output(path, kind="figure"):
+    """`path` marked for `snakemake --report`: caption report/{stem}.rst, the paper's section."""
     from vlmdiff.report import section_of
 
-    stem = Path(png).stem
-    return report(png, caption=f"{workflow.basedir}/report/{stem}.rst",
-                  category=section_of(stem).title)
+    stem = Path(path).stem
+    return report(path, caption=f"{workflow.basedir}/report/{stem}.rst",
+                  category=section_of(stem, kind).title)
 
 
 def feature_targets():
@@ -193,10 +193,7 @@ ABLATION_TABLES = {
 }
 # the paper's tables 1 and 2 in `snakemake --report`
 for _name in ("table1", "table2"):
-    _csv = ABLATION_TABLES[f"{_name}_csv"]
-    ABLATION_TABLES[f"{_name}_csv"] = report(
-        _csv, caption=f"{workflow.basedir}/report/{Path(_csv).stem}.rst",
-        category="5.3 Ablation and steering")
+    ABLATION_TABLES[f"{_name}_csv"] = report_output(ABLATION_TABLES[f"{_name}_csv"], "table")
 FEATURE_SAES = expand(f"{R}/sae/{FEATURE_REGIME}/layer_{{layer}}", layer=LAYERS)
 
 

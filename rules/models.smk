@@ -130,7 +130,7 @@ if TRAIN_MODELS:
             val=world_file("val"),
         output:
             table=f"{R}/models/vlm_eval.csv",
-            plot=report_figure(f"{R}/models/vlm_eval.png"),
+            plot=report_output(f"{R}/models/vlm_eval.png"),
             plot_pdf=f"{R}/models/vlm_eval.pdf",
         params:
             batch_size=config["eval"]["batch_size"],

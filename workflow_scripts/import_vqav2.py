@@ -3,13 +3,12 @@ from pathlib import Path
 from vlmdiff.data import write_json
 from vlmdiff.llava_more import resolve_source
 from vlmdiff.logs import job_logger
-from vlmdiff.real_data import import_vqav2
+from vlmdiff.real_data import import_vqav2, vqav2_patterns
 
 p, out = snakemake.params, snakemake.output
 v = p.vqav2
-splits = [v["adapt_split"], v["base_split"]]
 root = resolve_source(v["path"], "source.vqav2.path", revision=p.revision,
-                      allow_patterns=[f"data/{s}-*.parquet" for s in splits])
+                      allow_patterns=vqav2_patterns([v["adapt_split"], v["base_split"]]))
 summary = import_vqav2(
     root,
     Path(out.train).parent,

@@ -50,14 +50,23 @@ def real_vqa_features() -> Features:
     return Features({c: full[c] for c in VQA_COLUMNS})
 
 
+VQAV2_FILES = "data/{split}-*.parquet"  # the lmms-lab/VQAv2 layout
+
+
+def vqav2_patterns(splits: Sequence[str]) -> list[str]:
+    """The files of `splits` in the `lmms-lab/VQAv2` layout (to fetch only those from the Hub)."""
+    return [VQAV2_FILES.format(split=s) for s in splits]
+
+
 def vqav2_files(root: str | os.PathLike, split: str) -> list[Path]:
     """The parquet files of `split` under `root` (`data/{split}-*.parquet`, or at the top)."""
     root = Path(root)
-    files = sorted(root.glob(f"data/{split}-*.parquet")) or sorted(root.glob(f"{split}-*.parquet"))
+    pattern = VQAV2_FILES.format(split=split)
+    files = sorted(root.glob(pattern)) or sorted(root.glob(Path(pattern).name))
     if not files:
         found = sorted({p.name.split("-")[0] for p in root.glob("**/*.parquet")})
         raise FileNotFoundError(
-            f"{root}: no parquet files of split {split!r} (data/{split}-*.parquet); "
+            f"{root}: no parquet files of split {split!r} ({pattern}); "
             f"splits found: {found or 'none'}"
         )
     return files
