@@ -1,8 +1,6 @@
-import json
-
 import pandas as pd
 import torch
-from vlmdiff.data import load_split
+from vlmdiff.data import load_split, write_json
 from vlmdiff.logs import job_logger
 from vlmdiff.models import build_vision_tower, make_image_processor, resolve_device, save_atomic
 from vlmdiff.vision import pretrain_vision
@@ -17,5 +15,4 @@ history, metrics = pretrain_vision(
 )
 save_atomic([tower.cpu()], out.model)
 pd.DataFrame(history).to_csv(out.history, index=False)
-with open(out.metrics, "w") as fh:
-    json.dump(metrics, fh, indent=1)
+write_json(metrics, out.metrics)
