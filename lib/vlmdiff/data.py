@@ -29,6 +29,7 @@ from datasets.utils.tqdm import (
 )
 from PIL import Image as PILImage
 
+from vlmdiff.files import atomic_path
 from vlmdiff.world import (
     BINARY_RELATIONS,
     QA,
@@ -267,14 +268,9 @@ def write_parquet(ds: Dataset, path: str | os.PathLike) -> Path:
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
     """JSON to a temporary name beside `path`, then rename into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 class Progress:
