@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -209,7 +208,6 @@ def _save_png(img: Image.Image, path: Path) -> None:
 # ------------------------------------------------------------------------- token activations
 
 
-@torch.no_grad()
 def token_activations(
     model: torch.nn.Module,
     processor: Any,
@@ -222,40 +220,18 @@ def token_activations(
 ) -> tuple[list[list[str]], dict[int, list[np.ndarray]]]:
     """Per row of `ds` (`question`, `image`): its prompt tokens, and per layer the features'
     activations on them, `[n_tokens, len(features[layer])]`, as the statistics pass sees them."""
-    from vlmdiff.attribution import _to
-    from vlmdiff.cache import encode_rows
-    from vlmdiff.lexical import prompt_span
-    from vlmdiff.splice import replace_layer_output
+    from vlmdiff.lexical import prompt_activations
 
     tokens: list[list[str]] = []
     acts: dict[int, list[np.ndarray]] = {layer: [] for layer in features}
-    current: dict[str, Any] = {}
-
-    def recorder(layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        sae, cols = saes[layer], torch.tensor(list(features[layer]), device=device)
-
-        def fn(h: torch.Tensor) -> torch.Tensor:
-            span = current["span"]
-            for i in range(span.shape[0]):
-                a = sae.dense_acts(h[i][span[i]].to(sae.dtype))[:, cols]
-                acts[layer].append(a.float().cpu().numpy())
-            return h
-
-        return fn
-
-    image_id = model.config.image_token_id
-    with ExitStack() as hooks:
-        for layer in features:
-            hooks.enter_context(replace_layer_output(model, layer, recorder(layer)))
-        for lo in range(0, len(ds), batch_size):
-            inputs = _to(encode_rows(ds, lo, min(lo + batch_size, len(ds)), mode="vqa",
-                                     processor=processor), device, model.dtype)
-            span = prompt_span(inputs["input_ids"], inputs["attention_mask"], image_id)
-            current["span"] = span
-            for i in range(span.shape[0]):
-                ids = inputs["input_ids"][i][span[i]].tolist()
-                tokens.append(processor.tokenizer.convert_ids_to_tokens(ids))
-            model.model(**inputs, use_cache=False)
+    for _, inputs, span, batch_acts in prompt_activations(model, processor, ds, features, saes,
+                                                          batch_size=batch_size, device=device):
+        counts = span.sum(dim=1).tolist()
+        for i in range(span.shape[0]):
+            ids = inputs["input_ids"][i][span[i]].tolist()
+            tokens.append(processor.tokenizer.convert_ids_to_tokens(ids))
+        for layer, a in batch_acts.items():
+            acts[layer] += [part.float().cpu().numpy() for part in a.split(counts)]
     return tokens, acts
 
 

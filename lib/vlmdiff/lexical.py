@@ -14,7 +14,7 @@ candidates of several layers share one forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +45,47 @@ def prompt_span(
 
 
 @torch.no_grad()
+def prompt_activations(
+    model: torch.nn.Module,
+    processor: Any,
+    ds: Dataset,
+    features: Mapping[int, Sequence[int]],
+    saes: Mapping[int, TopKSAE],
+    *,
+    batch_size: int,
+    device: torch.device,
+) -> Iterator[tuple[int, dict[str, torch.Tensor], torch.Tensor, dict[int, torch.Tensor]]]:
+    """Per batch of `ds` rows (`question`, `image`, encoded exactly as for the activation
+    caches): the first row's index, the model inputs, the prompt-token mask `[batch, seq]`, and
+    per layer the features' activations on the masked tokens in row order,
+    `[n_prompt_tokens, len(features[layer])]`."""
+    image_id = model.config.image_token_id
+    current: dict[str, Any] = {}
+
+    def recorder(layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        sae, cols = saes[layer], torch.tensor(list(features[layer]), device=device)
+
+        def fn(h: torch.Tensor) -> torch.Tensor:
+            current["acts"][layer] = sae.dense_acts(h[current["span"]].to(sae.dtype))[:, cols]
+            return h
+
+        return fn
+
+    with ExitStack() as hooks:
+        for layer in features:
+            hooks.enter_context(replace_layer_output(model, layer, recorder(layer)))
+        for lo in range(0, len(ds), batch_size):
+            inputs = encode_rows(
+                ds, lo, min(lo + batch_size, len(ds)), mode="vqa", processor=processor
+            )
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            span = prompt_span(inputs["input_ids"], inputs["attention_mask"], image_id)
+            current.update(span=span, acts={})
+            model.model(**inputs, use_cache=False)
+            yield lo, inputs, span, current["acts"]
+
+
 def sample_maxima(
     model: torch.nn.Module,
     processor: Any,
@@ -59,37 +100,14 @@ def sample_maxima(
 
     `ds` has `question` and `image` columns, encoded exactly as for the activation caches.
     """
-    image_id = model.config.image_token_id
     out = {layer: np.zeros((len(ds), len(f)), np.float32) for layer, f in features.items()}
-    current: dict[str, Any] = {}
-
-    def recorder(layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        sae, cols = saes[layer], torch.tensor(list(features[layer]), device=device)
-
-        def fn(h: torch.Tensor) -> torch.Tensor:
-            span = current["span"]
-            acts = sae.dense_acts(h[span].to(sae.dtype))[:, cols]
-            rows = torch.nonzero(span)[:, 0]
-            best = acts.new_zeros(span.shape[0], len(cols))
-            best.scatter_reduce_(0, rows[:, None].expand_as(acts), acts, "amax")
-            out[layer][current["lo"] : current["lo"] + span.shape[0]] = best.cpu().numpy()
-            return h
-
-        return fn
-
-    with ExitStack() as hooks:
-        for layer in features:
-            hooks.enter_context(replace_layer_output(model, layer, recorder(layer)))
-        for lo in range(0, len(ds), batch_size):
-            inputs = encode_rows(
-                ds, lo, min(lo + batch_size, len(ds)), mode="vqa", processor=processor
-            )
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-            current.update(
-                lo=lo, span=prompt_span(inputs["input_ids"], inputs["attention_mask"], image_id)
-            )
-            model.model(**inputs, use_cache=False)
+    for lo, _, span, acts in prompt_activations(model, processor, ds, features, saes,
+                                                batch_size=batch_size, device=device):
+        rows = torch.nonzero(span)[:, 0]
+        for layer, a in acts.items():
+            best = a.new_zeros(span.shape[0], a.shape[1])
+            best.scatter_reduce_(0, rows[:, None].expand_as(a), a, "amax")
+            out[layer][lo : lo + span.shape[0]] = best.cpu().numpy()
     return out
 
 
