@@ -31,8 +31,9 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from vlmdiff.attribution import CausalContext, _batches, _rate, feature_label
+from vlmdiff.attribution import CausalContext, feature_label, row_batches
 from vlmdiff.lexical import prompt_span
+from vlmdiff.logs import progress_line
 from vlmdiff.splice import Replace, replace_layer_output
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ def yes_no_scores(
     right, prob = [], []
     lo = 0
     image_id = model.config.image_token_id
-    for inputs in _batches(ds, rows, batch_size, model, processor, device):
+    for inputs in row_batches(ds, rows, batch_size, model, processor, device):
         n = inputs["input_ids"].shape[0]
         fn = None
         if edit is not None:
@@ -188,7 +189,7 @@ def vsr_activation_job(
 ) -> xr.DataArray:
     """`max_t h_f` over each VSR row's prompt tokens, `[feature, row]`: the caches hold no VSR,
     so the feature's SAE encodes the hooked block output here."""
-    from vlmdiff.attribution import _feature_coords
+    from vlmdiff.attribution import feature_coords
     from vlmdiff.lexical import sample_maxima, unknown_words
 
     ctx = CausalContext(vlm_dir, selected_path, sae_dirs, contrast=contrast,
@@ -211,7 +212,7 @@ def vsr_activation_job(
     return xr.DataArray(
         acts,
         dims=("feature", "row"),
-        coords={**_feature_coords(ctx), "row": np.arange(len(vsr))},
+        coords={**feature_coords(ctx), "row": np.arange(len(vsr))},
         name="vsr_max_activation",
         attrs={"template": template},
     )
@@ -397,7 +398,7 @@ def ablation_job(
                 "controls": " ".join(str(int(c)) for c in controls),
                 "vsr_or": odds.get(label, np.nan),
             })
-        log(_rate("ablation, features", i + 1, len(ctx.features), start))
+        log(progress_line("ablation, features", i + 1, len(ctx.features), start))
     return pd.DataFrame(rows_out, columns=RUN_COLUMNS)
 
 
@@ -539,7 +540,7 @@ def steering_job(
                     "vsr_relations": ", ".join(rels),
                     "control_feature": control if "random" in name else -1,
                 })
-        log(_rate("steering, features", i + 1, len(ctx.features), start))
+        log(progress_line("steering, features", i + 1, len(ctx.features), start))
     cols = ["feature", "layer", "feature_index", "eval_set", "alpha", "residual_norm", "n",
             "flip_rate", "accuracy", "accuracy_unsteered", "vsr_relations", "control_feature"]
     return pd.DataFrame(rows_out, columns=cols)
@@ -557,7 +558,7 @@ def residual_norm(ctx: CausalContext, ds: Dataset, rows: np.ndarray, layer: int,
         seen["h"] = h
         return h
 
-    for inputs in _batches(ds, rows, batch_size, ctx.model, ctx.processor, ctx.device):
+    for inputs in row_batches(ds, rows, batch_size, ctx.model, ctx.processor, ctx.device):
         span = edit_positions(inputs["input_ids"], inputs["attention_mask"], image_id, positions)
         with replace_layer_output(ctx.model, layer, grab):
             ctx.model.model(**inputs, use_cache=False)

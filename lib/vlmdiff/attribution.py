@@ -49,6 +49,7 @@ import xarray as xr
 
 from vlmdiff.cache import encode_rows
 from vlmdiff.lexical import prompt_span
+from vlmdiff.logs import progress_line
 from vlmdiff.models import language_layers
 from vlmdiff.splice import replace_layer_output
 
@@ -224,20 +225,13 @@ def mean_image_embedding(
             part = seen.pop().float().sum(0)
             total = part if total is None else total + part
             done = min(lo + batch_size, len(images))
-            log(_rate("mean image embedding", done, len(images), start))
+            log(progress_line("mean image embedding", done, len(images), start))
     finally:
         handle.remove()
     mean = (total / len(images)).cpu().numpy()
     return xr.DataArray(
         mean, dims=("patch", "dim"), name="mean_image_embedding", attrs={"n_images": len(images)}
     )
-
-
-def _rate(what: str, done: int, total: int, start: float) -> str:
-    elapsed = time.perf_counter() - start
-    rate = done / max(elapsed, 1e-9)
-    eta = (total - done) / max(rate, 1e-9)
-    return f"{what}: {done}/{total} ({rate:.1f}/s, ETA {eta:.0f}s)"
 
 
 # ------------------------------------------------------------------------- runs and scores
@@ -407,7 +401,7 @@ def exact_patching(
                     passes += 1
             if log is not None:
                 done = m * total + (lay + 1) * n_heads
-                log(_rate("  exact patching, heads", done, 2 * total, start))
+                log(progress_line("  exact patching, heads", done, 2 * total, start))
     return out, passes
 
 
@@ -556,8 +550,9 @@ def feature_label(layer: int, feature: int) -> str:
     return f"L{layer}F{feature}"
 
 
-def _batches(ds: Dataset, rows: Sequence[int], batch_size: int, model: torch.nn.Module,
-             processor: Any, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+def row_batches(ds: Dataset, rows: Sequence[int], batch_size: int, model: torch.nn.Module,
+                processor: Any, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """Model inputs for `ds`'s `rows` (VQA prompts with their images), `batch_size` at a time."""
     sub = ds.select([int(r) for r in rows])
     for lo in range(0, len(sub), batch_size):
         hi = min(lo + batch_size, len(sub))
@@ -601,7 +596,8 @@ class CausalContext:
         return [feature_label(*k) for k in self.keys()]
 
 
-def _feature_coords(ctx: CausalContext) -> dict[str, Any]:
+def feature_coords(ctx: CausalContext) -> dict[str, Any]:
+    """xarray coordinates along a "feature" dimension: its label, layer and index."""
     keys = ctx.keys()
     return {
         "feature": ctx.labels(),
@@ -655,7 +651,7 @@ def attribution_job(
             log(f"warning: {feature_label(*key)} has no top-activating samples; scores are 0")
             continue
         parts, objs, ex_parts = [], [], []
-        for inputs in _batches(val, rows, batch_size, ctx.model, ctx.processor, ctx.device):
+        for inputs in row_batches(val, rows, batch_size, ctx.model, ctx.processor, ctx.device):
             t0 = time.perf_counter()
             sc, obj = attribute(ctx.model, inputs, key[0], ctx.directions[key], mean,
                                 atp_star=atp_star)
@@ -673,10 +669,10 @@ def attribution_job(
         objectives[i] = np.concatenate(objs).mean(0)
         if exact:
             exact_scores[i] = np.concatenate(ex_parts).mean(0)
-        log(_rate("attribution, features", i + 1, n_f, start)
+        log(progress_line("attribution, features", i + 1, n_f, start)
             + f"; objective clean {objectives[i, 0]:.3f}, corrupt {objectives[i, 1]:.3f}")
     coords = {
-        **_feature_coords(ctx),
+        **feature_coords(ctx),
         "method": list(METHODS),
         "variant": variants,
         "layer": np.arange(n_layers),

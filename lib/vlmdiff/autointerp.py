@@ -412,7 +412,7 @@ def markdown_table(wide: pd.DataFrame) -> str:
 def fig_autointerp_f1(wide: pd.DataFrame) -> Any:
     """F1 of each feature's RAW and OVERLAY description (lines join a feature's two points),
     with each variant's mean; the paper reports OVERLAY about +0.2 above RAW."""
-    from vlmdiff.plots import _note, plt
+    from vlmdiff.plots import axes_note, plt
 
     fig, ax = plt.subplots(figsize=(4.2, 3.4))
     ax.set_xticks([0, 1], ["RAW", "OVERLAY"])
@@ -433,7 +433,7 @@ def fig_autointerp_f1(wide: pd.DataFrame) -> Any:
             ax.text(x + 0.27, vals.mean(), f"{vals.mean():.2f}", va="center", fontsize=8,
                     color="C3")
     if wide[["f1_raw", "f1_overlay"]].notna().sum().sum() == 0:
-        _note(ax, ["no F1: no feature was described and validated"])
+        axes_note(ax, ["no F1: no feature was described and validated"])
     if len(raw_only):
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

@@ -13,7 +13,7 @@ import xarray as xr
 from PIL import Image
 
 from vlmdiff.attribution import feature_head_scores, head_label, ranked_heads
-from vlmdiff.plots import _note, plt
+from vlmdiff.plots import axes_note, plt
 
 METHOD_NAMES = {"A": "Method A: (corr − clean)·∇clean", "B": "Method B: (clean − corr)·∇corr"}
 PAPER_ORDER = ("B", "A")  # the paper shows Method B on the left
@@ -32,7 +32,7 @@ class Overlay:
 
 def _empty(ax: plt.Axes, text: str) -> None:
     ax.set_axis_off()
-    _note(ax, [text])
+    axes_note(ax, [text])
 
 
 def _normalised(scores: xr.DataArray) -> xr.DataArray:
@@ -251,7 +251,7 @@ def fig_patching_check(ds: xr.Dataset) -> plt.Figure:
             ax.set_xlabel(f"exact patching effect ({patched})")
             ax.set_ylabel("attribution estimate")
             if "exact" not in ds or ds.sizes["feature"] == 0:
-                _note(ax, ["no exact patching results"])
+                axes_note(ax, ["no exact patching results"])
                 continue
             for feat in ds["feature"].values:
                 layer = int(ds["feature_layer"].sel(feature=feat))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,3 +23,11 @@ def job_logger(log_path: str | Path | None, name: str = "vlmdiff") -> Callable[[
         h.setFormatter(fmt)
         logger.addHandler(h)
     return logger.info
+
+
+def progress_line(what: str, done: int, total: int, start: float) -> str:
+    """ "what: done/total (rate/s, ETA)" for a loop that started at `time.perf_counter()` `start`."""
+    elapsed = time.perf_counter() - start
+    rate = done / max(elapsed, 1e-9)
+    eta = (total - done) / max(rate, 1e-9)
+    return f"{what}: {done}/{total} ({rate:.1f}/s, ETA {eta:.0f}s)"

@@ -35,14 +35,22 @@ def save(fig: plt.Figure, png: str | Path, pdf: str | Path | None = None) -> Non
     plt.close(fig)
 
 
-def accuracy_bars(table: pd.DataFrame, title: str) -> plt.Figure:
-    """Grouped bars: accuracy per question family (and answer type) for each model."""
-    t = table[table["family"] != "all"].copy()
-    t["group"] = t["family"] + "\n(" + t["answer_type"] + ")"
+def accuracy_bars(
+    table: pd.DataFrame, title: str, by: tuple[str, str] = ("family", "answer_type")
+) -> plt.Figure:
+    """Grouped bars: accuracy per `by[0]` (and `by[1]`, e.g. question family and answer type)
+    for each model, with the majority-answer baseline."""
+    group, sub = by
+    t = table[table[group] != "all"].copy()
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * t.groupby([group, sub]).ngroups), 3.6))
+    if t.empty:
+        axes_note(ax, [f"no questions with a {group}"])
+        ax.set_title(title)
+        return fig
+    t["group"] = t[group].astype(str) + "\n(" + t[sub].astype(str) + ")"
     groups = sorted(t["group"].unique())
     models = list(dict.fromkeys(t["model"]))
     width = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(groups)), 3.6))
     x = np.arange(len(groups))
     for i, m in enumerate(models):
         acc = t[t["model"] == m].set_index("group")["accuracy"].reindex(groups)
@@ -157,7 +165,7 @@ def _overlay(ax: plt.Axes, x: pd.Series, y: pd.Series, marks: list[tuple]) -> No
         _mark(ax, x[mask], y[mask], label, **style)
 
 
-def _note(ax: plt.Axes, lines: list[str]) -> None:
+def axes_note(ax: plt.Axes, lines: list[str]) -> None:
     """A boxed note in the upper left of the axes (used to say that a set is empty)."""
     if lines:
         box = {"boxstyle": "round", "fc": "white", "ec": "0.6", "alpha": 0.9}
@@ -204,7 +212,7 @@ def fig2_feature_selection(table: pd.DataFrame, eps: float, p_cos: float) -> plt
         (table["spatial_set"], "spatial set", SPATIAL_SET_STYLE),
         (table["spatial_selected"], "selected for analysis", SELECTED_STYLE),
     ])
-    _note(ax, _empty_notes(table, "spatial"))
+    axes_note(ax, _empty_notes(table, "spatial"))
     ax.set_title("SAE features by visual energy and decoder cosine\n(adapted: $E_v$ > "
                  f"{eps:g}, $c_f$ in the bottom {p_cos:g}% over all layers; dashed/dotted: "
                  "thresholds)")
@@ -220,7 +228,7 @@ def fig7_adapted_per_layer(per_layer: pd.DataFrame) -> plt.Figure:
     a.set_ylabel("number of adapted features")
     a.set_title("(a) Adapted features per layer")
     if per_layer["n_adapted"].sum() == 0:
-        _note(a, ["the adapted set is empty"])
+        axes_note(a, ["the adapted set is empty"])
     b.plot(layer, per_layer["mean_cos_all"], marker="o", color="0.4", label="all features")
     b.plot(layer, per_layer["mean_cos_adapted"], marker="o", color=ADAPTED_COLOUR,
            label="adapted features")
@@ -297,7 +305,7 @@ def fig9_firing_frequency(table: pd.DataFrame, contrast: str = "spatial") -> plt
     b.set_ylabel(f"$p_f$(D_sp) (log; 0 drawn at {floor:.0e})")
     b.set_title("(b) Spatial candidates under both splits")
     b.legend(fontsize=7, loc="lower right")
-    _note(b, _empty_notes(table, contrast))
+    axes_note(b, _empty_notes(table, contrast))
     fig.suptitle("Spatial distribution shift: feature firing frequencies, spatial vs base split")
     fig.tight_layout()
     return fig
@@ -314,7 +322,7 @@ def fig10_ocr_features(table: pd.DataFrame, eps: float, thresholds: dict) -> plt
          OCR_CANDIDATE_STYLE),
         (table["ocr_set"], "OCR set", OCR_SET_STYLE),
     ])
-    _note(a, _empty_notes(table, "ocr"))
+    axes_note(a, _empty_notes(table, "ocr"))
     a.set_title("(a) OCR features among adapted units")
     a.legend(fontsize=7, loc="lower left")
     _mark(b, table["delta_p_ocr"], table["or_ocr"], "all features", **ALL_STYLE)
