@@ -164,7 +164,8 @@ def source_targets():
     else:
         out = [f"{R}/world/vqav2_summary.json", f"{R}/world/vsr_summary.json"]
     if TRAIN_MODELS:
-        out += [f"{R}/models/vlm_eval.csv", f"{R}/models/vlm_eval.png"]
+        out += [f"{R}/models/vlm_eval.{x}" for x in ("csv", "png")]
+        out += [f"{R}/models/vlm_eval_relations.{x}" for x in ("csv", "png")]
     else:
         out += [f"{R}/models/vlm_stage2"]
         out += [f"{R}/models/vlm_stage1"] if SOURCE["vlm_stage1"] else []

@@ -122,7 +122,8 @@ if TRAIN_MODELS:
 
 
     rule eval_models:
-        """Held-out accuracy per question family: LM alone (no image), VLM stage 1, VLM stage 2."""
+        """Held-out accuracy per question family, and of the spatial questions per relation: LM
+        alone (no image), LM given the scene in words, VLM stage 1, VLM stage 2."""
         input:
             lm=f"{R}/models/lm",
             stage1=f"{R}/models/vlm_stage1",
@@ -132,6 +133,9 @@ if TRAIN_MODELS:
             table=f"{R}/models/vlm_eval.csv",
             plot=report_output(f"{R}/models/vlm_eval.png"),
             plot_pdf=f"{R}/models/vlm_eval.pdf",
+            relations=f"{R}/models/vlm_eval_relations.csv",
+            relations_plot=report_output(f"{R}/models/vlm_eval_relations.png"),
+            relations_pdf=f"{R}/models/vlm_eval_relations.pdf",
         params:
             batch_size=config["eval"]["batch_size"],
             scene=config["world"]["scene"],

@@ -3,7 +3,7 @@ import pytest
 import torch
 from datasets import Dataset
 from PIL import Image
-from vlmdiff.evaluation import accuracy_table, predict_next_token
+from vlmdiff.evaluation import accuracy_table, predict_next_token, relation_table
 from vlmdiff.models import (
     build_lm,
     build_vlm,
@@ -172,6 +172,22 @@ def test_predictions_and_accuracy_table(tiny):
     acc = table.set_index("family")["accuracy"]
     assert acc["colour"] == 0.5 and acc["spatial"] == 0.5 and acc["all"] == 0.5
     assert table.set_index("family").loc["spatial", "majority_baseline"] == 0.5
+
+
+def test_relation_table_scores_spatial_questions_per_relation():
+    ds = Dataset.from_dict({
+        "family": ["spatial", "spatial", "spatial", "spatial", "colour"],
+        "relation": ["left of", "left of", "above", "above", None],
+        "answer_type": ["yes/no", "yes/no", "yes/no", "other", "other"],
+        "multiple_choice_answer": ["yes", "no", "yes", "circle", "red"],
+    })
+    table = relation_table(ds, {"m": ["yes", "yes", "no", "circle", "red"]})
+    acc = table.set_index(["relation", "answer_type"])["accuracy"]
+    assert acc[("left of", "yes/no")] == 0.5 and acc[("above", "yes/no")] == 0.0
+    assert acc[("above", "other")] == 1.0 and acc[("all", "all")] == 0.5  # the colour row is out
+    assert table.set_index(["relation", "answer_type"]).loc[("all", "all"), "n"] == 4
+    no_rel = relation_table(ds.remove_columns("relation"), {"m": ["yes"] * 5})
+    assert list(no_rel["relation"]) == ["all"] and no_rel["n"].tolist() == [0]
 
 
 def test_conversation_per_image(tiny):

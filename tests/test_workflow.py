@@ -86,6 +86,10 @@ def test_eval_table(tiny_run):
     assert {"spatial", "colour", "shape", "count", "existence", "ocr", "all"} <= set(table["family"])
     assert table["accuracy"].between(0, 1).all()
     assert (tiny_run / "models/vlm_eval.png").stat().st_size > 0
+    relations = pd.read_csv(tiny_run / "models/vlm_eval_relations.csv")
+    spatial = table[table["family"] == "spatial"].groupby("model")["n"].sum()
+    assert (relations[relations["relation"] == "all"].set_index("model")["n"] == spatial).all()
+    assert (tiny_run / "models/vlm_eval_relations.png").stat().st_size > 0
     for job in ("world", "train_lm", "train_vlm_stage1", "train_vlm_stage2", "eval_models"):
         assert (tiny_run / f"benchmarks/{job}.tsv").is_file()
         assert (tiny_run / f"logs/{job}.log").is_file()

@@ -1,6 +1,6 @@
 import torch
 from vlmdiff.data import load_split
-from vlmdiff.evaluation import evaluate_models
+from vlmdiff.evaluation import accuracy_table, predict_models, relation_table
 from vlmdiff.logs import job_logger
 from vlmdiff.models import load_lm, load_vlm, resolve_device
 from vlmdiff.plots import accuracy_bars, save
@@ -9,9 +9,15 @@ log = job_logger(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
 inp, out, p = snakemake.input, snakemake.output, snakemake.params
 device = resolve_device(p.device)
+val = load_split(inp.val)
 lm, tokenizer = load_lm(inp.lm, device)
 vlms = {"vlm stage 1": load_vlm(inp.stage1, device), "vlm stage 2": load_vlm(inp.stage2, device)}
-table = evaluate_models(load_split(inp.val), lm, tokenizer, vlms, device, p.batch_size, p.scene)
+preds = predict_models(val, lm, tokenizer, vlms, device, p.batch_size, p.scene)
+table, relations = accuracy_table(val, preds), relation_table(val, preds)
 table.to_csv(out.table, index=False)
-log("\n" + table.to_string(index=False))
+relations.to_csv(out.relations, index=False)
+log(f"\n{table.to_string(index=False)}\n\nspatial, per relation:\n{relations.to_string(index=False)}")
 save(accuracy_bars(table, "Held-out accuracy per question family"), out.plot, out.plot_pdf)
+title = "Spatial questions: held-out accuracy per relation"
+save(accuracy_bars(relations, title, ("relation", "answer_type")), out.relations_plot,
+     out.relations_pdf)

@@ -50,47 +50,56 @@ def predict_next_token(
     return preds
 
 
-def accuracy_table(ds: Dataset, predictions: Mapping[str, Sequence[str]]) -> pd.DataFrame:
-    """One row per (model, family, answer type): n, accuracy, and the majority-answer baseline."""
-    frame = pd.DataFrame(
-        {
-            "family": ds["family"],
-            "answer_type": ds["answer_type"],
-            "answer": [a.lower() for a in ds["multiple_choice_answer"]],
-        }
-    )
-    majority = frame.groupby(["family", "answer_type"])["answer"].agg(
-        lambda s: s.value_counts(normalize=True).iloc[0]
-    )
+def accuracy_table(
+    ds: Dataset,
+    predictions: Mapping[str, Sequence[str]],
+    by: tuple[str, ...] = ("family", "answer_type"),
+) -> pd.DataFrame:
+    """One row per (model, *by): n, accuracy, and the majority-answer baseline; plus a row per
+    model with every `by` column "all"."""
+    frame = pd.DataFrame({c: ds[c] for c in by})
+    frame["answer"] = [a.lower() for a in ds["multiple_choice_answer"]]
+    keys = list(by)
+    majority = frame.groupby(keys)["answer"].agg(lambda s: s.value_counts(normalize=True).iloc[0])
     rows = []
     for model_name, preds in predictions.items():
         f = frame.assign(correct=[p == a for p, a in zip(preds, frame["answer"], strict=True)])
-        grouped = f.groupby(["family", "answer_type"])["correct"].agg(["size", "mean"])
-        for (family, answer_type), r in grouped.iterrows():
+        grouped = f.groupby(keys)["correct"].agg(["size", "mean"])
+        for key, r in grouped.iterrows():
+            key = key if isinstance(key, tuple) else (key,)
             rows.append(
                 {
                     "model": model_name,
-                    "family": family,
-                    "answer_type": answer_type,
+                    **dict(zip(keys, key, strict=True)),
                     "n": int(r["size"]),
                     "accuracy": float(r["mean"]),
-                    "majority_baseline": float(majority[(family, answer_type)]),
+                    "majority_baseline": float(majority[key if len(key) > 1 else key[0]]),
                 }
             )
         rows.append(
             {
                 "model": model_name,
-                "family": "all",
-                "answer_type": "all",
+                **dict.fromkeys(keys, "all"),
                 "n": len(f),
-                "accuracy": float(f["correct"].mean()),
+                "accuracy": float(f["correct"].mean()) if len(f) else float("nan"),
                 "majority_baseline": float("nan"),
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["model", *keys, "n", "accuracy", "majority_baseline"])
 
 
-def evaluate_models(
+def relation_table(ds: Dataset, predictions: Mapping[str, Sequence[str]]) -> pd.DataFrame:
+    """`accuracy_table` of the spatial questions per relation and answer type (empty when the
+    split has no `relation` column, as real VQAv2 has not)."""
+    by = ("relation", "answer_type")
+    if "relation" not in ds.column_names:
+        empty = Dataset.from_dict({c: [] for c in (*by, "multiple_choice_answer")})
+        return accuracy_table(empty, {m: [] for m in predictions}, by)
+    rows = [i for i, f in enumerate(ds["family"]) if f == "spatial"]
+    return accuracy_table(ds.select(rows), {m: [p[i] for i in rows] for m, p in predictions.items()}, by)
+
+
+def predict_models(
     val: Dataset,
     lm,
     lm_tokenizer,
@@ -98,9 +107,10 @@ def evaluate_models(
     device: torch.device,
     batch_size: int,
     scene_cfg: Mapping | None = None,
-) -> pd.DataFrame:
-    """Accuracy table for the LM alone (question only), the LM reading the scene's description
-    instead of the image (what it learnt from text), and each (model, processor) VLM."""
+) -> dict[str, list[str]]:
+    """Predicted answers of the LM alone (question only), the LM reading the scene's
+    description instead of the image (what it learnt from text), and each (model, processor)
+    VLM; `accuracy_table` and `relation_table` score them."""
     from vlmdiff.world import Scene, WorldConfig, describe
 
     questions = val["question"]
@@ -116,4 +126,4 @@ def evaluate_models(
         preds[name] = predict_next_token(
             model, processor.tokenizer, questions, images, device, batch_size, processor
         )
-    return accuracy_table(val, preds)
+    return preds
