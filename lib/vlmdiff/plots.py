@@ -61,7 +61,8 @@ def accuracy_bars(
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("held-out accuracy")
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    # outside the axes: a well-trained model's bars reach the top and would hide under it
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 
