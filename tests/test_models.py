@@ -79,7 +79,7 @@ def test_processor_expands_image_to_one_token_per_patch(tiny, tiny_config):
 def test_save_load_generate(tiny, tmp_path):
     tok, lm, vlm, proc, size = tiny
     save_atomic([vlm, proc], tmp_path / "vlm")
-    assert not (tmp_path / "vlm.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["vlm"]  # no temporary folder left
     model, proc2 = load_vlm(tmp_path / "vlm")
     text = tok.apply_chat_template(user_prompt("what color ?", True), tokenize=False,
                                    add_generation_prompt=True)

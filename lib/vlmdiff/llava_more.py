@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from vlmdiff.files import read_json_object
+from vlmdiff.files import atomic_dir, read_json_object
+from vlmdiff.models import save_atomic
 
 Log = Callable[[str], Any]
 
@@ -361,13 +362,7 @@ def convert_llava_llama(
     processor = make_processor(tokenizer, vision, raw.get("image_aspect_ratio") == "pad", select)
 
     out = Path(dst)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    save_atomic([model, processor], out)
     summary = {
         "source": str(src),
         "vision_tower": str(tower_dir),
@@ -481,12 +476,9 @@ def import_lm(source: str, dst: str | os.PathLike, *, revision: str | None = Non
 
 
 def copy_folder(src: Path, dst: str | os.PathLike) -> Path:
-    """Copy the files of a model folder (links resolved) to `<dst>.tmp`, then rename."""
+    """Copy the files of a model folder (links resolved) into `dst`, atomically."""
     out = Path(dst)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, symlinks=False, ignore=shutil.ignore_patterns(".git*", ".cache"))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        shutil.copytree(src, tmp, symlinks=False, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(".git*", ".cache"))
     return out

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ try:  # transformers >= 5 names the PIL-only backend explicitly; torchvision is 
 except ImportError:  # pragma: no cover - older transformers
     from transformers import CLIPImageProcessor as _ImageProcessor
 
+from vlmdiff.files import atomic_dir
 from vlmdiff.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN
 
 
@@ -186,15 +185,9 @@ def language_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 def save_atomic(obj_list: list[Any], out_dir: Path) -> None:
     """`save_pretrained` each object into a temporary folder, then move it into place."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for obj in obj_list:
-        obj.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        for obj in obj_list:
+            obj.save_pretrained(tmp)
 
 
 def load_lm(
