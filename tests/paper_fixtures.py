@@ -37,8 +37,9 @@ TEXTS = [
 D_MODEL, N_LAYERS, VISION_HIDDEN, IMAGE_SIZE, PATCH = 32, 2, 24, 28, 14
 
 
-def write_llama3_tokenizer(folder: Path) -> Any:
-    """A byte-level BPE tokenizer with Llama-3's special tokens and BOS post-processor."""
+def write_llama3_tokenizer(folder: Path, reserved_pad: bool = True) -> Any:
+    """A byte-level BPE tokenizer with Llama-3's special tokens and BOS post-processor
+    (without Llama-3.1's reserved pad token unless `reserved_pad`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -47,7 +48,7 @@ def write_llama3_tokenizer(folder: Path) -> Any:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=320,
-        special_tokens=LLAMA3_SPECIALS,
+        special_tokens=[t for t in LLAMA3_SPECIALS if reserved_pad or "pad" not in t],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(TEXTS, trainer)
@@ -129,14 +130,15 @@ def llava_llama_config(vocab: int, clip_dir: str, **overrides: Any) -> dict[str,
 
 
 def write_llava_llama(
-    folder: Path, clip_dir: Path, *, tower_in_checkpoint: bool = True, seed: int = 1, **overrides: Any
+    folder: Path, clip_dir: Path, *, tower_in_checkpoint: bool = True, seed: int = 1,
+    reserved_pad: bool = True, **overrides: Any
 ) -> dict[str, torch.Tensor]:
     """A LLaVA-repository checkpoint: config.json, one safetensors file, tokenizer files.
     Returns the raw tensors written."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
-    tok = write_llama3_tokenizer(folder)
+    tok = write_llama3_tokenizer(folder, reserved_pad)
     config = llava_llama_config(len(tok), str(clip_dir), **overrides)
     config["bos_token_id"] = tok.bos_token_id
     config["eos_token_id"] = tok.eos_token_id

@@ -97,6 +97,28 @@ def test_converted_logits_match_direct_computation(sources, converted):
 
 
 @torch.no_grad()
+def test_tokenizer_without_a_reserved_pad_token_gets_one_added(sources, tmp_path):
+    _, clip, _ = sources
+    raw = write_llava_llama(tmp_path / "ckpt", clip, reserved_pad=False)
+    summary = convert_llava_llama(tmp_path / "ckpt", tmp_path / "hf", log=lambda s: None)
+    model, processor = load_vlm(tmp_path / "hf")
+    tok = processor.tokenizer
+    vocab = raw["model.embed_tokens.weight"].shape[0]
+    assert tok.pad_token == "<pad>" and summary["pad_token"] == "<pad>"
+    assert tok.pad_token_id >= vocab and model.config.text_config.pad_token_id == tok.pad_token_id
+    assert model.get_input_embeddings().weight.shape[0] == vocab + 2  # <pad> and <image>
+    # prompts of different lengths: the shorter one is padded with the new row, and the logits
+    # of every real token still match LLaVA's forward from the raw tensors
+    texts = prompt_texts(tok, QUESTIONS, with_image=True)
+    batch = processor(text=texts, images=images(), return_tensors="pt", padding=True)
+    mask = batch["attention_mask"].bool()
+    assert (batch["input_ids"][~mask] == tok.pad_token_id).all() and (~mask).any()
+    got = model(**batch).logits[..., :vocab]
+    expected = direct_logits(tmp_path / "ckpt", clip, raw, batch, summary["image_token_id"])
+    assert torch.allclose(got[mask], expected[mask], atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
 def test_image_span_tokenizer_and_template(converted):
     summary, model, processor = converted
     tok = processor.tokenizer
