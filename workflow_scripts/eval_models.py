@@ -16,7 +16,8 @@ preds = predict_models(val, lm, tokenizer, vlms, device, p.batch_size, p.scene)
 table, relations = accuracy_table(val, preds), relation_table(val, preds)
 table.to_csv(out.table, index=False)
 relations.to_csv(out.relations, index=False)
-log(f"\n{table.to_string(index=False)}\n\nspatial, per relation:\n{relations.to_string(index=False)}")
+log(f"\n{table.to_string(index=False)}\n\nspatial, per relation:\n"
+    f"{relations.to_string(index=False)}")
 save(accuracy_bars(table, "Held-out accuracy per question family"), out.plot, out.plot_pdf)
 title = "Spatial questions: held-out accuracy per relation"
 save(accuracy_bars(relations, title, ("relation", "answer_type")), out.relations_plot,

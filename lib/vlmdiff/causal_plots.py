@@ -99,9 +99,9 @@ def top_head_summary(ds: xr.Dataset, variant: str, n: int = 3) -> pd.DataFrame:
     """Top-`n` heads per feature and method (by |score|), their overlap, and bottom-`n` heads."""
     rows = []
     for feat in ds["feature"].values:
-        tops = {m: ranked_heads(feature_head_scores(ds, feat, m, variant), n) for m in ("A", "B")}
-        bottoms = {m: ranked_heads(feature_head_scores(ds, feat, m, variant), n, bottom=True)
-                   for m in ("A", "B")}
+        scores = {m: feature_head_scores(ds, feat, m, variant) for m in ("A", "B")}
+        tops = {m: ranked_heads(s, n) for m, s in scores.items()}
+        bottoms = {m: ranked_heads(s, n, bottom=True) for m, s in scores.items()}
         overlap = [h for h in tops["A"] if h in tops["B"]]
         rows.append({
             "feature": str(feat),

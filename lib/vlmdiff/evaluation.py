@@ -96,7 +96,8 @@ def relation_table(ds: Dataset, predictions: Mapping[str, Sequence[str]]) -> pd.
         empty = Dataset.from_dict({c: [] for c in (*by, "multiple_choice_answer")})
         return accuracy_table(empty, {m: [] for m in predictions}, by)
     rows = [i for i, f in enumerate(ds["family"]) if f == "spatial"]
-    return accuracy_table(ds.select(rows), {m: [p[i] for i in rows] for m, p in predictions.items()}, by)
+    spatial = {m: [p[i] for i in rows] for m, p in predictions.items()}
+    return accuracy_table(ds.select(rows), spatial, by)
 
 
 def predict_models(

@@ -26,7 +26,7 @@ def job_logger(log_path: str | Path | None, name: str = "vlmdiff") -> Callable[[
 
 
 def progress_line(what: str, done: int, total: int, start: float) -> str:
-    """ "what: done/total (rate/s, ETA)" for a loop that started at `time.perf_counter()` `start`."""
+    """ "what: done/total (rate/s, ETA)" for a loop begun at `start` (`time.perf_counter()`)."""
     elapsed = time.perf_counter() - start
     rate = done / max(elapsed, 1e-9)
     eta = (total - done) / max(rate, 1e-9)

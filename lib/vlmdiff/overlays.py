@@ -136,9 +136,9 @@ def overlay_job(
     panels, controls = {}, []
     for feat in feats:
         picks = samples.picks(feat, 1)
-        tops = {m: ranked_heads(feature_head_scores(ds, feat, m, variant), 1)[0] for m in ("A", "B")}
-        bottoms = {m: ranked_heads(feature_head_scores(ds, feat, m, variant), 1, bottom=True)[0]
-                   for m in ("A", "B")}
+        scores = {m: feature_head_scores(ds, feat, m, variant) for m in ("A", "B")}
+        tops = {m: ranked_heads(s, 1)[0] for m, s in scores.items()}
+        bottoms = {m: ranked_heads(s, 1, bottom=True)[0] for m, s in scores.items()}
         panels[feat] = [o for m in ("A", "B") for o in draw(tops[m], picks, f"top head, {m}")]
         controls.append([o for m in ("A", "B")
                          for o in draw(bottoms[m], picks, f"bottom head, {m}")])

@@ -227,7 +227,8 @@ def batches(
         for start in range(0, len(order) - batch_size + 1, pool):
             chunk = order[start : start + pool]
             chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-            groups = [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+            starts = range(0, len(chunk) - batch_size + 1, batch_size)
+            groups = [chunk[i : i + batch_size] for i in starts]
             for g in rng.permutation(len(groups)):
                 yield collate(data, groups[g], pad_id)
 
