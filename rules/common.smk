@@ -166,6 +166,7 @@ def source_targets():
     if TRAIN_MODELS:
         out += [f"{R}/models/vlm_eval.{x}" for x in ("csv", "png")]
         out += [f"{R}/models/vlm_eval_relations.{x}" for x in ("csv", "png")]
+        out += [f"{R}/models/vlm_eval_errors.{x}" for x in ("csv", "png")]
     else:
         out += [f"{R}/models/vlm_stage2"]
         out += [f"{R}/models/vlm_stage1"] if SOURCE["vlm_stage1"] else []

@@ -123,7 +123,8 @@ if TRAIN_MODELS:
 
     rule eval_models:
         """Held-out accuracy per question family, and of the spatial questions per relation: LM
-        alone (no image), LM given the scene in words, VLM stage 1, VLM stage 2."""
+        alone (no image), LM given the scene in words, VLM stage 1, VLM stage 2; colour and
+        shape answers split into correct, another object's attribute, and not in the scene."""
         input:
             lm=f"{R}/models/lm",
             stage1=f"{R}/models/vlm_stage1",
@@ -136,6 +137,9 @@ if TRAIN_MODELS:
             relations=f"{R}/models/vlm_eval_relations.csv",
             relations_plot=report_output(f"{R}/models/vlm_eval_relations.png"),
             relations_pdf=f"{R}/models/vlm_eval_relations.pdf",
+            errors=f"{R}/models/vlm_eval_errors.csv",
+            errors_plot=report_output(f"{R}/models/vlm_eval_errors.png"),
+            errors_pdf=f"{R}/models/vlm_eval_errors.pdf",
         params:
             batch_size=config["eval"]["batch_size"],
             scene=config["world"]["scene"],

@@ -1,9 +1,17 @@
+import json
+
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset
 from PIL import Image
-from vlmdiff.evaluation import accuracy_table, predict_next_token, relation_table
+from vlmdiff.evaluation import (
+    ERROR_KINDS,
+    accuracy_table,
+    attribute_errors,
+    predict_next_token,
+    relation_table,
+)
 from vlmdiff.models import (
     build_lm,
     build_vlm,
@@ -188,6 +196,34 @@ def test_relation_table_scores_spatial_questions_per_relation():
     assert table.set_index(["relation", "answer_type"]).loc[("all", "all"), "n"] == 4
     no_rel = relation_table(ds.remove_columns("relation"), {"m": ["yes"] * 5})
     assert list(no_rel["relation"]) == ["all"] and no_rel["n"].tolist() == [0]
+
+
+def _scene(*objects: tuple[str, str]) -> str:
+    return json.dumps({"image_size": 48, "objects": [
+        {"shape": s, "colour": c, "x": 10.0 + 12 * k, "y": 10.0, "size": 12.0, "text": None}
+        for k, (c, s) in enumerate(objects)]})
+
+
+def test_attribute_errors_tell_binding_from_perception():
+    ds = Dataset.from_dict({
+        "family": ["colour", "colour", "colour", "shape", "count"],
+        "multiple_choice_answer": ["red", "blue", "Green", "circle", "2"],
+        "scene": [_scene(("red", "circle"), ("blue", "square")),
+                  _scene(("red", "circle"), ("blue", "square")),
+                  _scene(("green", "triangle")),
+                  _scene(("red", "circle"), ("red", "square"), ("blue", "triangle")),
+                  _scene(("red", "circle"), ("blue", "square"))],
+    })
+    # another object's colour, correct, a colour not drawn, another object's shape; count: out
+    table = attribute_errors(ds, {"m": ["blue", "blue", "yellow", "triangle", "3"]})
+    rows = table.set_index(["family", "n_objects"])
+    assert rows.loc[("colour", "2"), ["n", "correct", "another object's"]].tolist() == [2, 0.5, 0.5]
+    assert rows.loc[("colour", "1"), "not in the scene"] == 1.0
+    assert rows.loc[("colour", "all"), "n"] == 3
+    assert rows.loc[("shape", "3"), "another object's"] == 1.0
+    assert "count" not in set(table["family"])
+    assert np.allclose(table[list(ERROR_KINDS)].sum(axis=1), 1.0)
+    assert attribute_errors(ds.remove_columns("scene"), {"m": ["red"] * 5}).empty
 
 
 def test_conversation_per_image(tiny):

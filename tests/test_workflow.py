@@ -90,6 +90,13 @@ def test_eval_table(tiny_run):
     spatial = table[table["family"] == "spatial"].groupby("model")["n"].sum()
     assert (relations[relations["relation"] == "all"].set_index("model")["n"] == spatial).all()
     assert (tiny_run / "models/vlm_eval_relations.png").stat().st_size > 0
+    errors = pd.read_csv(tiny_run / "models/vlm_eval_errors.csv", dtype={"n_objects": str})
+    attribute = table[table["family"].isin(["colour", "shape"])].groupby("model")["n"].sum()
+    totals = errors[errors["n_objects"] == "all"].groupby("model")["n"].sum()
+    assert (totals.reindex(attribute.index) == attribute).all()
+    shares = errors[["correct", "another object's", "not in the scene"]].sum(axis=1)
+    assert ((shares - 1).abs() < 1e-9).all()
+    assert (tiny_run / "models/vlm_eval_errors.png").stat().st_size > 0
     for job in ("world", "train_lm", "train_vlm_stage1", "train_vlm_stage2", "eval_models"):
         assert (tiny_run / f"benchmarks/{job}.tsv").is_file()
         assert (tiny_run / f"logs/{job}.log").is_file()

@@ -1,9 +1,9 @@
 import torch
 from vlmdiff.data import load_split
-from vlmdiff.evaluation import accuracy_table, predict_models, relation_table
+from vlmdiff.evaluation import accuracy_table, attribute_errors, predict_models, relation_table
 from vlmdiff.logs import job_logger
 from vlmdiff.models import load_lm, load_vlm, resolve_device
-from vlmdiff.plots import accuracy_bars, save
+from vlmdiff.plots import accuracy_bars, error_bars, save
 
 log = job_logger(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
@@ -16,9 +16,14 @@ preds = predict_models(val, lm, tokenizer, vlms, device, p.batch_size, p.scene)
 table, relations = accuracy_table(val, preds), relation_table(val, preds)
 table.to_csv(out.table, index=False)
 relations.to_csv(out.relations, index=False)
+errors = attribute_errors(val, preds)
+errors.to_csv(out.errors, index=False)
 log(f"\n{table.to_string(index=False)}\n\nspatial, per relation:\n"
-    f"{relations.to_string(index=False)}")
+    f"{relations.to_string(index=False)}\n\ncolour and shape answers:\n"
+    f"{errors.round(3).to_string(index=False)}")
 save(accuracy_bars(table, "Held-out accuracy per question family"), out.plot, out.plot_pdf)
 title = "Spatial questions: held-out accuracy per relation"
 save(accuracy_bars(relations, title, ("relation", "answer_type")), out.relations_plot,
      out.relations_pdf)
+save(error_bars(errors, "Colour and shape answers: correct, or another object's attribute"),
+     out.errors_plot, out.errors_pdf)

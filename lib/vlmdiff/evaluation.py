@@ -100,6 +100,50 @@ def relation_table(ds: Dataset, predictions: Mapping[str, Sequence[str]]) -> pd.
     return accuracy_table(ds.select(rows), spatial, by)
 
 
+ATTRIBUTE_FAMILIES = {"colour": "colour", "shape": "shape"}  # family -> attribute it asks for
+ERROR_KINDS = ("correct", "another object's", "not in the scene")
+
+
+def attribute_errors(ds: Dataset, predictions: Mapping[str, Sequence[str]]) -> pd.DataFrame:
+    """Colour and shape questions split by how each answer relates to the drawn scene.
+
+    An answer is "correct", names the asked attribute of "another object's" in the scene (the
+    model saw the attribute but read it off the wrong object: a binding error), or is "not in the
+    scene" (a perception error, or no attribute at all). One row per (model, family, number of
+    objects), plus an "all" row per model and family; the three shares sum to 1. Empty for
+    splits without a `scene` column (real VQAv2).
+    """
+    columns = ["model", "family", "n_objects", "n", *ERROR_KINDS]
+    if "scene" not in ds.column_names:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for i, (family, scene, answer) in enumerate(
+        zip(ds["family"], ds["scene"], ds["multiple_choice_answer"], strict=True)
+    ):
+        attr = ATTRIBUTE_FAMILIES.get(family)
+        if attr is None:
+            continue
+        objects = json.loads(scene)["objects"]
+        values, n_objects = {o[attr] for o in objects}, len(objects)
+        for model_name, preds in predictions.items():
+            pred = preds[i]
+            kind = ERROR_KINDS[0] if pred == answer.lower() else (
+                ERROR_KINDS[1] if pred in values else ERROR_KINDS[2])
+            rows.append({"model": model_name, "family": family, "n_objects": n_objects, "kind": kind})
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame(rows)
+    parts = [frame, frame.assign(n_objects="all")]
+    frame = pd.concat(parts, ignore_index=True).astype({"n_objects": str})
+    keys = ["model", "family", "n_objects"]
+    shares = pd.crosstab([frame[k] for k in keys], frame["kind"], normalize="index")
+    shares = shares.reindex(columns=list(ERROR_KINDS), fill_value=0.0)
+    out = shares.join(frame.groupby(keys).size().rename("n")).reset_index()
+    order = {m: k for k, m in enumerate(predictions)}
+    out = out.sort_values(keys, key=lambda c: c.map(order) if c.name == "model" else c)
+    return out[columns].reset_index(drop=True)
+
+
 def predict_models(
     val: Dataset,
     lm,

@@ -66,6 +66,43 @@ def accuracy_bars(
     return fig
 
 
+def error_bars(table: pd.DataFrame, title: str) -> plt.Figure:
+    """Per family (panel) and number of objects: each model's correct share (solid) with the
+    share answered by another object's attribute stacked on it (hatched); the rest of each bar's
+    height up to 1 is answers not in the scene (`evaluation.attribute_errors`)."""
+    families = list(dict.fromkeys(table["family"]))
+    fig, axes = plt.subplots(1, max(1, len(families)), figsize=(5 * max(1, len(families)), 3.6),
+                             squeeze=False)
+    if not families:
+        axes_note(axes[0, 0], ["no colour or shape questions with a scene"])
+        axes[0, 0].set_title(title)
+        return fig
+    models = list(dict.fromkeys(table["model"]))
+    width = 0.8 / len(models)
+    for ax, family in zip(axes[0], families, strict=True):
+        t = table[table["family"] == family]
+        groups = list(dict.fromkeys(t["n_objects"].astype(str)))
+        x = np.arange(len(groups))
+        for i, m in enumerate(models):
+            r = t[t["model"] == m]
+            r = r.set_index(r["n_objects"].astype(str)).reindex(groups)
+            pos = x + (i - (len(models) - 1) / 2) * width
+            bars = ax.bar(pos, r["correct"], width, label=m)
+            ax.bar(pos, r["another object's"], width, bottom=r["correct"], hatch="//",
+                   color="none", edgecolor=bars.patches[0].get_facecolor(), linewidth=0)
+        ax.set_xticks(x, groups)
+        ax.set_xlabel("objects in the scene")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{family} questions")
+    axes[0, 0].set_ylabel("share of answers")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="none", edgecolor="gray", hatch="//"))
+    labels.append("another object's attribute")
+    axes[0, -1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(title, y=1.03)
+    return fig
+
+
 REGIME_COLOURS = {"full": "#1f77b4", "image": "#d62728", "text": "#2ca02c", "random": "#7f7f7f"}
 
 
