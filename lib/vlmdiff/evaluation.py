@@ -100,7 +100,7 @@ def relation_table(ds: Dataset, predictions: Mapping[str, Sequence[str]]) -> pd.
     return accuracy_table(ds.select(rows), spatial, by)
 
 
-ATTRIBUTE_FAMILIES = {"colour": "colour", "shape": "shape"}  # family -> attribute it asks for
+ATTRIBUTE_FAMILIES = ("colour", "shape")  # each family asks for the scene attribute of its name
 ERROR_KINDS = ("correct", "another object's", "not in the scene")
 
 
@@ -120,11 +120,10 @@ def attribute_errors(ds: Dataset, predictions: Mapping[str, Sequence[str]]) -> p
     for i, (family, scene, answer) in enumerate(
         zip(ds["family"], ds["scene"], ds["multiple_choice_answer"], strict=True)
     ):
-        attr = ATTRIBUTE_FAMILIES.get(family)
-        if attr is None:
+        if family not in ATTRIBUTE_FAMILIES:
             continue
         objects = json.loads(scene)["objects"]
-        values, n_objects = {o[attr] for o in objects}, len(objects)
+        values, n_objects = {o[family] for o in objects}, len(objects)
         for model_name, preds in predictions.items():
             pred = preds[i]
             kind = ERROR_KINDS[0] if pred == answer.lower() else (
@@ -133,14 +132,17 @@ def attribute_errors(ds: Dataset, predictions: Mapping[str, Sequence[str]]) -> p
     if not rows:
         return pd.DataFrame(columns=columns)
     frame = pd.DataFrame(rows)
-    parts = [frame, frame.assign(n_objects="all")]
-    frame = pd.concat(parts, ignore_index=True).astype({"n_objects": str})
-    keys = ["model", "family", "n_objects"]
+    # ordered categories keep models in the given order and object counts numeric, "all" last
+    levels = {"model": list(predictions), "family": sorted(set(frame["family"])),
+              "n_objects": [*map(str, sorted(set(frame["n_objects"]))), "all"]}
+    frame = pd.concat([frame.astype({"n_objects": str}), frame.assign(n_objects="all")])
+    keys = list(levels)
+    for k in keys:
+        frame[k] = pd.Categorical(frame[k], categories=levels[k], ordered=True)
     shares = pd.crosstab([frame[k] for k in keys], frame["kind"], normalize="index")
     shares = shares.reindex(columns=list(ERROR_KINDS), fill_value=0.0)
-    out = shares.join(frame.groupby(keys).size().rename("n")).reset_index()
-    order = {m: k for k, m in enumerate(predictions)}
-    out = out.sort_values(keys, key=lambda c: c.map(order) if c.name == "model" else c)
+    out = shares.join(frame.groupby(keys, observed=True).size().rename("n")).reset_index()
+    out = out.sort_values(keys).astype({k: str for k in keys})
     return out[columns].reset_index(drop=True)
 
 
