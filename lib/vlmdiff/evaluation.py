@@ -135,7 +135,10 @@ def attribute_errors(ds: Dataset, predictions: Mapping[str, Sequence[str]]) -> p
     # ordered categories keep models in the given order and object counts numeric, "all" last
     levels = {"model": list(predictions), "family": sorted(set(frame["family"])),
               "n_objects": [*map(str, sorted(set(frame["n_objects"]))), "all"]}
-    frame = pd.concat([frame.astype({"n_objects": str}), frame.assign(n_objects="all")])
+    # fresh labels: crosstab aligns its inputs on the index, which pandas 3.0 cannot do when labels repeat
+    frame = pd.concat(
+        [frame.astype({"n_objects": str}), frame.assign(n_objects="all")], ignore_index=True
+    )
     keys = list(levels)
     for k in keys:
         frame[k] = pd.Categorical(frame[k], categories=levels[k], ordered=True)
