@@ -12,11 +12,32 @@ def schema(root):
     return load_schema(root / "schemas/config.schema.yaml")
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "presets/tiny.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "presets/tiny.yaml", "presets/long.yaml"])
 def test_presets_validate(root, schema, name):
     cfg = yaml.safe_load((root / name).read_text())
     validate_config(cfg, schema)
     assert cfg["lm"]["train"]["grad_clip"] == 1.0  # default filled through $ref
+
+
+def test_long_preset_changes_only_data_and_stage2_steps(root, schema):
+    """Merged over config.yaml (as `--configfile` does), the long preset keeps the default recipe."""
+    from snakemake.utils import update_config
+
+    base = yaml.safe_load((root / "config.yaml").read_text())
+    merged = copy.deepcopy(base)
+    update_config(merged, yaml.safe_load((root / "presets/long.yaml").read_text()))
+    validate_config(merged, schema)
+    validate_config(base, schema)
+    assert merged["run"] == "long"
+    assert merged["world"]["sizes"]["train"] > base["world"]["sizes"]["train"]
+    assert merged["vlm"]["stage2"]["steps"] > base["vlm"]["stage2"]["steps"]
+    for key in ("sizes", "scene"):
+        rest = {k: v for k, v in merged["world"][key].items() if k != "train"}
+        assert rest == {k: v for k, v in base["world"][key].items() if k != "train"}
+    stage2 = {k: v for k, v in merged["vlm"]["stage2"].items() if k not in ("steps", "log_every")}
+    assert stage2 == {k: v for k, v in base["vlm"]["stage2"].items() if k not in ("steps", "log_every")}
+    for section in ("lm", "vision", "cache", "sae", "features", "causal"):
+        assert merged[section] == base[section]
 
 
 def test_empty_config_gets_every_default(schema):
