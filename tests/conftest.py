@@ -14,17 +14,11 @@ def root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_config() -> dict:
     """presets/tiny.yaml merged over config.yaml, as `snakemake --configfile` does."""
+    from snakemake.utils import update_config
     from vlmdiff.config import load_schema, validate_config
 
     base = yaml.safe_load((ROOT / "config.yaml").read_text())
-    _update(base, yaml.safe_load((ROOT / "presets/tiny.yaml").read_text()))
+    update_config(base, yaml.safe_load((ROOT / "presets/tiny.yaml").read_text()))
     validate_config(base, load_schema(ROOT / "schemas/config.schema.yaml"))
     return base
 
-
-def _update(base: dict, new: dict) -> None:
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _update(base[k], v)
-        else:
-            base[k] = v
