@@ -167,6 +167,7 @@ def source_targets():
         out += [f"{R}/models/vlm_eval.{x}" for x in ("csv", "png")]
         out += [f"{R}/models/vlm_eval_relations.{x}" for x in ("csv", "png")]
         out += [f"{R}/models/vlm_eval_errors.{x}" for x in ("csv", "png")]
+        out += [f"{R}/models/vlm_eval_positions.{x}" for x in ("csv", "png")]
     else:
         out += [f"{R}/models/vlm_stage2"]
         out += [f"{R}/models/vlm_stage1"] if SOURCE["vlm_stage1"] else []

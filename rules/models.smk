@@ -124,7 +124,8 @@ if TRAIN_MODELS:
     rule eval_models:
         """Held-out accuracy per question family, and of the spatial questions per relation: LM
         alone (no image), LM given the scene in words, VLM stage 1, VLM stage 2; colour and
-        shape answers split into correct, another object's attribute, and not in the scene."""
+        shape answers split into correct, another object's attribute, and not in the scene; and
+        how linearly each VLM's image tokens encode their patch's column and row, layer by layer."""
         input:
             lm=f"{R}/models/lm",
             stage1=f"{R}/models/vlm_stage1",
@@ -140,8 +141,12 @@ if TRAIN_MODELS:
             errors=f"{R}/models/vlm_eval_errors.csv",
             errors_plot=report_output(f"{R}/models/vlm_eval_errors.png"),
             errors_pdf=f"{R}/models/vlm_eval_errors.pdf",
+            positions=f"{R}/models/vlm_eval_positions.csv",
+            positions_plot=report_output(f"{R}/models/vlm_eval_positions.png"),
+            positions_pdf=f"{R}/models/vlm_eval_positions.pdf",
         params:
             batch_size=config["eval"]["batch_size"],
+            position_images=config["eval"]["position_images"],
             scene=config["world"]["scene"],
             device=config["device"],
         log:

@@ -9,6 +9,7 @@ from vlmdiff.evaluation import (
     ERROR_KINDS,
     accuracy_table,
     attribute_errors,
+    image_token_positions,
     predict_next_token,
     relation_table,
 )
@@ -299,3 +300,34 @@ def test_sincos_positions_encode_column_and_row(tiny_config):
     assert torch.allclose(pos[1:], 0.5 * sincos_2d(grid, vision["hidden_size"]))
     with pytest.raises(ValueError, match="multiple of 4"):
         sincos_2d(4, 30)
+
+
+def test_image_token_positions_tell_where_a_patch_is(tiny, tiny_config):
+    """Plain images through a tower that sees only position embeddings: every stage is a function
+    of the patch's place, so probes read it back; without position embeddings, noise images give
+    tower features that say nothing about it."""
+    tok, lm, vlm, proc, size = tiny
+    n_layers = len(language_layers(vlm))
+    emb = vlm.model.vision_tower.embeddings
+    saved = {k: v.clone() for k, v in vlm.state_dict().items()}
+    try:
+        with torch.no_grad():
+            emb.patch_embedding.weight.zero_()
+        plain = [Image.new("RGB", (size, size), (200, 40, 40))] * 12
+        table = image_token_positions({"m": (vlm, proc)}, plain, torch.device("cpu"), batch_size=5)
+        assert list(table["depth"]) == list(range(-1, n_layers + 1))
+        assert list(table["where"][:2]) == ["vision tower", "projector (LM input)"]
+        assert (table["n_images"] == 12).all()
+        assert (table[["r2_column", "r2_row"]] > 0.95).all().all()
+        vlm.load_state_dict(saved)
+        with torch.no_grad():
+            emb.position_embedding.weight.zero_()
+        noise = image_token_positions({"m": (vlm, proc)}, _images(80, size), torch.device("cpu"))
+        tower = noise.set_index("where").loc["vision tower"]
+        assert tower["r2_column"] < 0.2 and tower["r2_row"] < 0.2
+        # causal attention over tokens laid out row by row lets even a fresh LM recover the row
+        # (from how many tokens precede), never the column
+        last = noise.iloc[-1]
+        assert last["r2_row"] > last["r2_column"] + 0.15
+    finally:
+        vlm.load_state_dict(saved)

@@ -5,7 +5,7 @@ import torch
 from vlmdiff.data import load_split, write_world
 from vlmdiff.models import build_lm, build_vision_tower, build_vlm, make_image_processor
 from vlmdiff.tokenizer import build_tokenizer
-from vlmdiff.vision import patch_labels, pretrain_vision, unique_images
+from vlmdiff.vision import grid_positions, linear_r2, patch_labels, pretrain_vision, unique_images
 
 WORLD = {"image_size": 32, "size_range": [8, 11], "colours": ["red", "green", "blue"],
          "max_objects": 3, "tol": 2.0, "near_gap": 4.0, "far_dist": 18.0}
@@ -53,3 +53,29 @@ def test_pretraining_learns_objects_and_loads_into_the_vlm(train):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="vision config"):
         build_vlm(lm, tok, {**VISION, "hidden_size": 16}, 32, seed=0, vision_tower=tower)
+
+
+def test_grid_positions_and_linear_r2():
+    pos = grid_positions(3)
+    assert pos.tolist()[:4] == [[0, 0], [0.5, 0], [1, 0], [0, 0.5]] and pos.tolist()[-1] == [1, 1]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 6, generator=g)
+    y = torch.stack([x[:, 0] - 2 * x[:, 3], 3 * x[:, 1]], dim=1)
+    assert linear_r2(x, y) > 0.999
+    assert linear_r2(1e-4 * x, y) > 0.999  # the ridge follows the features' scale
+    assert abs(linear_r2(x, torch.randn(2000, 2, generator=g))) < 0.02
+    assert abs(linear_r2(x[:, 2:3], y[:, :1])) < 0.02
+
+
+def test_position_head_keeps_positions_in_the_features(train):
+    """Without the head, the tower's own patch features say little about where a patch is."""
+    world = {**WORLD, "shapes": ["circle", "square", "triangle"]}
+    optim = {"steps": 150, "batch_size": 32, "lr": 3e-3, "warmup_steps": 10, "log_every": 50}
+    r2 = {}
+    for weight in (0.0, 1.0):
+        tower = build_vision_tower({**VISION, "position_init": "random"}, 32, seed=0)
+        _, metrics = pretrain_vision(tower, train, make_image_processor(32), world,
+                                     {**optim, "position_weight": weight}, 0, torch.device("cpu"), log=lambda m: None)
+        r2[weight] = metrics["position_r2"]
+    assert r2[1.0] > 0.9
+    assert r2[1.0] > r2[0.0] + 0.1

@@ -97,6 +97,13 @@ def test_eval_table(tiny_run):
     shares = errors[["correct", "another object's", "not in the scene"]].sum(axis=1)
     assert ((shares - 1).abs() < 1e-9).all()
     assert (tiny_run / "models/vlm_eval_errors.png").stat().st_size > 0
+    positions = pd.read_csv(tiny_run / "models/vlm_eval_positions.csv")
+    n_layers = load_lm(tiny_run / "models/lm")[0].config.num_hidden_layers
+    for _, t in positions.groupby("model"):
+        assert list(t["depth"]) == list(range(-1, n_layers + 1))
+    assert set(positions["model"]) == {"vlm stage 1", "vlm stage 2"}
+    assert (positions[["r2_column", "r2_row"]] <= 1).all().all()
+    assert (tiny_run / "models/vlm_eval_positions.png").stat().st_size > 0
     for job in ("world", "train_lm", "train_vlm_stage1", "train_vlm_stage2", "eval_models"):
         assert (tiny_run / f"benchmarks/{job}.tsv").is_file()
         assert (tiny_run / f"logs/{job}.log").is_file()

@@ -26,7 +26,7 @@ from vlmdiff.world import (
 )
 
 CFG = WorldConfig()
-TOL, NEAR, FAR = 3.0, 6.0, 28.0
+TOL, NEAR, FAR, GRID = 3.0, 6.0, 28.0, 8
 
 # ---------------------------------------------------------------------------------------------
 # Independent reference: relations and answers from plain dicts (Scene.to_dict()), re-derived
@@ -133,6 +133,11 @@ def ref_answer(scene: dict, question: str) -> tuple[str, str | None]:
         return str(len(_select(objs, m[1]))), None
     if m := re.fullmatch(r"is there an? (\w+(?: \w+)?)\?", question):
         return yn[bool(_select(objs, m[1]))], None
+    if m := re.fullmatch(rf"(?:what (column|row) is the {NAME} in|in what (column|row) is the {NAME})\?", question):
+        axis, name = (m[1], m[2]) if m[1] else (m[3], m[4])
+        v = named[name]["x" if axis == "column" else "y"]
+        cell = 1 + int(v // (scene["image_size"] / GRID))  # 8 cells of 6 px on a 48 px image
+        return str(min(cell, GRID)), None
     if m := re.fullmatch(r"what letter is (?:written )?on the (\w+(?: \w+)?)\?", question):
         text = _only(_select(objs, m[1]))["text"]
         assert text, "asked for the letter of an object without one"
@@ -348,12 +353,30 @@ def test_balance_single_words_and_all_families() -> None:
     qas = [qa for _, qa in many_questions(13, 500, 4)]
     assert len(qas) == 2000
     assert all(re.fullmatch(r"[a-z0-9]+", qa.answer) for qa in qas)
-    assert set(qa.family for qa in qas) == set(FAMILIES)
+    assert set(qa.family for qa in qas) == {f for f in FAMILIES if CFG.family_weights[f] > 0}
     for fam in ("spatial", "existence"):
         answers = [qa.answer for qa in qas if qa.family == fam and qa.answer_type == "yes/no"]
         assert abs(answers.count("yes") / len(answers) - 0.5) < 0.05, fam
     yn = [qa.answer for qa in qas if qa.answer_type == "yes/no"]
     assert abs(yn.count("yes") / len(yn) - 0.5) < 0.04
+
+
+def test_position_questions_match_reference() -> None:
+    """Off by default; when asked, the answer is the text description's cell of the centre."""
+    cfg = WorldConfig.from_mapping({"family_weights": {f: 0 for f in FAMILIES} | {"position": 1}})
+    cells: Counter[str] = Counter()
+    for scene, qa in many_questions(21, 300, 3, cfg):
+        assert qa.family == "position" and qa.answer_type == "number", qa
+        assert qa.question.startswith(qa.question_type)
+        answer, rel = ref_answer(scene.to_dict(), qa.question)
+        assert (qa.answer, qa.relation) == (answer, rel), (qa, scene)
+        axis = "column" if "column" in qa.question else "row"
+        text = re.search(rf"{qa.subj} (?:with the letter \w )?at column (\d) row (\d)", describe(scene, cfg))
+        assert text[1 if axis == "column" else 2] == qa.answer
+        cells[qa.answer] += 1
+    # Centres keep half an object (>= 6 px) from the border, so the outer cells stay empty.
+    assert set(cells) == {str(k) for k in range(2, GRID)}
+    assert "position" not in {qa.family for _, qa in many_questions(21, 300, 3)}
 
 
 def test_questions_in_one_scene_are_distinct() -> None:

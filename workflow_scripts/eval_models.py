@@ -1,9 +1,16 @@
 import torch
 from vlmdiff.data import load_split
-from vlmdiff.evaluation import accuracy_table, attribute_errors, predict_models, relation_table
+from vlmdiff.evaluation import (
+    accuracy_table,
+    attribute_errors,
+    image_token_positions,
+    predict_models,
+    relation_table,
+)
 from vlmdiff.logs import job_logger
 from vlmdiff.models import load_lm, load_vlm, resolve_device
-from vlmdiff.plots import accuracy_bars, error_bars, save
+from vlmdiff.plots import accuracy_bars, error_bars, position_lines, save
+from vlmdiff.vision import unique_images
 
 log = job_logger(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
@@ -27,3 +34,10 @@ save(accuracy_bars(relations, title, ("relation", "answer_type")), out.relations
      out.relations_pdf)
 save(error_bars(errors, "Colour and shape answers: correct, or another object's attribute"),
      out.errors_plot, out.errors_pdf)
+images = unique_images(val)
+images = images.select(range(min(p.position_images, len(images))))["image"]
+positions = image_token_positions(vlms, images, device)
+positions.to_csv(out.positions, index=False)
+log(f"\nimage tokens, R^2 of their patch's column and row:\n{positions.round(3).to_string(index=False)}")
+save(position_lines(positions, "Image tokens: how linearly they encode their patch's place"),
+     out.positions_plot, out.positions_pdf)

@@ -177,3 +177,48 @@ def predict_models(
             model, processor.tokenizer, questions, images, device, batch_size, processor
         )
     return preds
+
+
+@torch.no_grad()
+def image_token_positions(
+    vlms: Mapping[str, tuple], images: Sequence, device: torch.device, batch_size: int = 64
+) -> pd.DataFrame:
+    """Whether a VLM's image tokens say where they are: for each model, the held-out R^2 of
+    linear probes for each patch's column and row, read from the vision tower's feature layer, the
+    projector's output (the language model's input) and every language-model layer's output at
+    the image positions. Attention moves a token's content but not its place (RoPE acts on
+    queries and keys only), so whatever a question learns about where an object is must come
+    from these features."""
+    from vlmdiff.training import prompt_texts
+    from vlmdiff.vision import grid_positions, linear_r2
+
+    rows = []
+    for name, (model, processor) in vlms.items():
+        tokenizer = processor.tokenizer
+        tokenizer.padding_side = "right"
+        text = prompt_texts(tokenizer, ["?"], with_image=True)[0]
+        image_id = model.config.image_token_id
+        layer = model.config.vision_feature_layer
+        feats: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, len(images), batch_size):
+            imgs = list(images[start : start + batch_size])
+            batch = processor(text=[text] * len(imgs), images=imgs, return_tensors="pt")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            pixels = batch["pixel_values"].to(model.dtype)
+            tower = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[layer]
+            out = model(**batch, output_hidden_states=True)
+            mask = batch["input_ids"] == image_id
+            n = int(mask[0].sum())
+            steps = {"vision tower": tower[:, -n:], "projector (LM input)": out.hidden_states[0][mask]}
+            for k, h in enumerate(out.hidden_states[1:], start=1):
+                steps[f"LM layer {k}"] = h[mask]
+            for where, h in steps.items():
+                feats.setdefault(where, []).append(h.reshape(len(imgs), n, -1).float().cpu())
+        for depth, (where, hs) in enumerate(feats.items()):
+            h = torch.cat(hs)
+            grid = grid_positions(int(round(h.shape[1] ** 0.5)))
+            x, y = h.flatten(0, 1), grid.repeat(len(h), 1)
+            rows.append({"model": name, "where": where, "depth": depth - 1,
+                         "r2_column": linear_r2(x, y[:, :1]), "r2_row": linear_r2(x, y[:, 1:]),
+                         "n_images": len(h)})
+    return pd.DataFrame(rows)

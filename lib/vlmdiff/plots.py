@@ -106,6 +106,27 @@ def error_bars(table: pd.DataFrame, title: str) -> plt.Figure:
 REGIME_COLOURS = {"full": "#1f77b4", "image": "#d62728", "text": "#2ca02c", "random": "#7f7f7f"}
 
 
+def position_lines(table: pd.DataFrame, title: str) -> plt.Figure:
+    """R^2 of linear probes for each patch's column (solid) and row (dashed), per model, from the vision tower
+    through the projector to every language-model layer (`evaluation.image_token_positions`)."""
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    for i, (model, t) in enumerate(table.groupby("model", sort=False)):
+        t = t.sort_values("depth")
+        ax.plot(t["depth"], t["r2_column"], marker="o", color=f"C{i}", label=f"{model}: column")
+        ax.plot(t["depth"], t["r2_row"], marker="s", ls="--", color=f"C{i}", label=f"{model}: row")
+    labels = table.drop_duplicates("depth").sort_values("depth")
+    short = {"vision tower": "tower", "projector (LM input)": "projector"}
+    ax.set_xticks(labels["depth"], [short.get(w, w.replace("LM layer ", "L")) for w in labels["where"]])
+    ax.axhline(0, color="grey", lw=0.8)
+    low = float(table[["r2_column", "r2_row"]].min().min())
+    ax.set_ylim(min(-0.05, low - 0.05), 1.02)
+    ax.set_xlabel("image tokens at: vision tower, projector output, language-model layer")
+    ax.set_ylabel("held-out R$^2$ of the patch's place")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return fig
+
+
 def fig1_fvu_curves(histories: pd.DataFrame, summary: pd.DataFrame) -> plt.Figure:
     """Figure 1: mean held-out FVU across layers vs tokens seen, per regime, + summary table."""
     fig, (ax, tab) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 2]})

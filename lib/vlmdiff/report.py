@@ -38,9 +38,10 @@ class Section:
 
 
 SECTIONS = (
-    Section("data", "Data and models", ("vlm_eval", "vlm_eval_relations", "vlm_eval_errors"),
-            ("summary", "vlm_eval", "vlm_eval_relations", "vlm_eval_errors", "vqav2_summary",
-             "vsr_summary")),
+    Section("data", "Data and models",
+            ("vlm_eval", "vlm_eval_relations", "vlm_eval_errors", "vlm_eval_positions"),
+            ("summary", "vlm_eval", "vlm_eval_relations", "vlm_eval_errors", "vlm_eval_positions",
+             "vqav2_summary", "vsr_summary")),
     Section("adaptation", "4.1 SAE adaptation", ("fig1_", "fig5_", "fig6_"),
             ("sae_adaptation", "fvu_summary")),
     Section("adapted", "4.2 Adapted features", ("fig2_", "fig7_", "fig8_"),

@@ -5,6 +5,13 @@ starts from scratch, and the language-model answers of the VLM stages are too sp
 to teach it shapes in a CPU budget. So the tower is first trained densely on what we drew:
 for every patch, which object (colour and shape) has its centre there, the letter on it, and
 where in the patch the centre lies. Only the tower is kept; the per-patch heads are dropped.
+
+None of those targets needs a patch to know where it is in the image, and a tower trained on
+them alone forgets: its patch position embeddings fade layer by layer, and the projector drops
+the rest, so the language model gets image tokens that do not say where they are and cannot
+learn "left of". `position_weight` > 0 adds a fourth head that reads each patch's own grid
+position (column, row), which keeps the position linearly in the features that the projector
+receives (`position_r2` measures it).
 """
 
 from __future__ import annotations
@@ -51,31 +58,51 @@ def patch_labels(
     return {"object": obj, "letter": letter, "offset": offset}
 
 
-class PatchProbe(torch.nn.Module):
-    """The tower plus three per-patch heads; `forward` returns the summed loss as `.loss`."""
+def grid_positions(grid: int) -> torch.Tensor:
+    """(grid * grid, 2) row-major (column, row) of each patch, scaled to [0, 1]."""
+    cells = torch.arange(grid * grid)
+    pos = torch.stack([cells % grid, cells // grid], dim=1).float()
+    return pos / max(1, grid - 1)
 
-    def __init__(self, tower: CLIPVisionModel, n_objects: int, n_letters: int) -> None:
+
+class PatchProbe(torch.nn.Module):
+    """The tower plus per-patch heads; `forward` returns the summed loss as `.loss`."""
+
+    def __init__(
+        self, tower: CLIPVisionModel, n_objects: int, n_letters: int, position_weight: float = 0.0
+    ) -> None:
         super().__init__()
         d = tower.config.hidden_size
         self.tower = tower
         self.object_head = torch.nn.Linear(d, n_objects + 1)
         self.letter_head = torch.nn.Linear(d, n_letters + 1)
         self.offset_head = torch.nn.Linear(d, 2)
+        self.position_head = torch.nn.Linear(d, 2)
+        self.position_weight = position_weight
+        grid = tower.config.image_size // tower.config.patch_size
+        self.register_buffer("positions", grid_positions(grid), persistent=False)
 
     def predict(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.tower(pixel_values=pixel_values).last_hidden_state[:, 1:]  # CLS dropped
-        return {"object": self.object_head(h), "letter": self.letter_head(h), "offset": self.offset_head(h)}
+        return {
+            "object": self.object_head(h),
+            "letter": self.letter_head(h),
+            "offset": self.offset_head(h),
+            "position": self.position_head(h),
+        }
 
     def forward(self, pixel_values, object, letter, offset):  # noqa: A002 - target name
         out = self.predict(pixel_values)
         ce = torch.nn.functional.cross_entropy
+        mse = torch.nn.functional.mse_loss
         loss = ce(out["object"].flatten(0, 1), object.flatten())
         has = object.flatten() < out["object"].shape[-1] - 1
         if has.any():
             loss = loss + ce(out["letter"].flatten(0, 1)[has], letter.flatten()[has])
-            loss = loss + torch.nn.functional.mse_loss(
-                torch.sigmoid(out["offset"].flatten(0, 1)[has]), offset.flatten(0, 1)[has]
-            )
+            loss = loss + mse(torch.sigmoid(out["offset"].flatten(0, 1)[has]), offset.flatten(0, 1)[has])
+        if self.position_weight > 0:
+            target = self.positions.expand_as(out["position"])
+            loss = loss + self.position_weight * mse(out["position"], target)
         return SimpleNamespace(loss=loss)
 
 
@@ -115,14 +142,19 @@ def pretrain_vision(
     labels = patch_labels(ds["scene"], world, size, patch)
     n_held = min(1000, len(ds) // 10)
     n_train = len(ds) - n_held
-    probe = PatchProbe(tower, len(world["colours"]) * len(world["shapes"]),
-                       len(world.get("letters", "ABCDEFHKLMNPRSTXZ"))).to(device)
+    probe = PatchProbe(
+        tower,
+        len(world["colours"]) * len(world["shapes"]),
+        len(world.get("letters", "ABCDEFHKLMNPRSTXZ")),
+        float(optim_cfg.get("position_weight", 0.0)),
+    ).to(device)
     log(f"vision pretraining: {n_train} images, {n_held} held out, {labels['object'].shape[1]} patches each")
     cfg = OptimConfig.from_mapping(optim_cfg)
     train_labels = {k: v[:n_train] for k, v in labels.items()}
     it = _batches(pixels[:n_train], train_labels, cfg.batch_size, seed)
     history = train(probe, list(probe.parameters()), it, cfg, device, "vision", log)
     metrics = patch_accuracy(probe, pixels[n_train:], {k: v[n_train:] for k, v in labels.items()}, device)
+    metrics["position_r2"] = position_r2(tower, pixels[n_train:], device)
     log("vision held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return history, metrics
 
@@ -147,3 +179,39 @@ def patch_accuracy(
         "empty_accuracy": float((obj[~has] == labels["object"][~has]).float().mean()),
         "letter_accuracy": float((letter[has] == labels["letter"][has]).float().mean()),
     }
+
+
+def linear_r2(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3, train_fraction: float = 0.7) -> float:
+    """Held-out R^2 of a ridge regression from rows of `x` to the targets `y` (n, k), averaged
+    over the k targets; rows are split in order, so callers pass them shuffled or by image."""
+    x, y = x.double(), y.double()
+    n = int(len(x) * train_fraction)
+    if n < 2 or len(x) - n < 2:
+        return float("nan")
+    xm, ym = x[:n].mean(0), y[:n].mean(0)
+    xc = x[:n] - xm
+    gram = xc.T @ xc
+    # The ridge is relative to the features' mean variance, so the R^2 does not depend on their scale.
+    eye = torch.eye(x.shape[1], dtype=x.dtype) * gram.diagonal().mean()
+    w = torch.linalg.solve(gram + ridge * eye, xc.T @ (y[:n] - ym))
+    pred = (x[n:] - xm) @ w + ym
+    resid = ((pred - y[n:]) ** 2).mean(0)
+    return float((1 - resid / y[n:].var(0, unbiased=False)).mean())
+
+
+@torch.no_grad()
+def position_r2(
+    tower: CLIPVisionModel, pixels: torch.Tensor, device: torch.device, feature_layer: int = -1
+) -> float:
+    """How linearly the tower's patch features at `feature_layer` say where each patch is:
+    held-out R^2 of a ridge probe for (column, row), fitted on 70% of the images."""
+    if len(pixels) < 4:
+        return float("nan")
+    tower.eval()
+    feats = []
+    for start in range(0, len(pixels), 256):
+        out = tower(pixel_values=pixels[start : start + 256].float().to(device), output_hidden_states=True)
+        feats.append(out.hidden_states[feature_layer][:, 1:].float().cpu())
+    h = torch.cat(feats)
+    grid = grid_positions(int(round(h.shape[1] ** 0.5)))
+    return linear_r2(h.flatten(0, 1), grid.repeat(len(h), 1))

@@ -34,7 +34,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "black": (25, 25, 25),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
-FAMILIES: tuple[str, ...] = ("spatial", "colour", "shape", "count", "existence", "ocr")
+FAMILIES: tuple[str, ...] = ("spatial", "colour", "shape", "count", "existence", "ocr", "position")
 RELATIONS: tuple[str, ...] = (
     "left of",
     "right of",
@@ -62,6 +62,7 @@ DEFAULT_FAMILY_WEIGHTS: dict[str, float] = {
     "count": 0.1,
     "existence": 0.1,
     "ocr": 0.16,
+    "position": 0.0,
 }
 BACKGROUND = (238, 238, 232)
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: smooth edges and crisp small letters
@@ -748,6 +749,24 @@ def _ocr(scene: Scene, rng: np.random.Generator, cfg: WorldConfig, seen: Set[str
     return _pick(rng, qas) if qas else None
 
 
+def _position(
+    scene: Scene, rng: np.random.Generator, cfg: WorldConfig, seen: Set[str]
+) -> QA | None:
+    """ "what column is the red circle in?": the `text_grid` cell of the object's centre, the
+    number that the text corpus writes after "column" / "row"."""
+    qas = []
+    for o in scene.objects:
+        for axis, v in (("column", o.x), ("row", o.y)):
+            cell = str(grid_cell(v, scene.image_size, cfg.text_grid))
+            for q, qtype in (
+                (f"what {axis} is the {o.name} in?", "what"),
+                (f"in what {axis} is the {o.name}?", "in what"),
+            ):
+                qas.append(QA(q, cell, "position", None, "number", qtype, o.name))
+    qas = _fresh(qas, seen)
+    return _pick(rng, qas) if qas else None
+
+
 FamilyMaker = Callable[[Scene, np.random.Generator, WorldConfig, Set[str]], "QA | None"]
 FAMILY_MAKERS: dict[str, FamilyMaker] = {
     "spatial": _spatial,
@@ -756,6 +775,7 @@ FAMILY_MAKERS: dict[str, FamilyMaker] = {
     "count": _count,
     "existence": _existence,
     "ocr": _ocr,
+    "position": _position,
 }
 
 
