@@ -242,4 +242,4 @@ def test_bad_arguments_name_the_key(tmp_path: Path) -> None:
 def test_progress_is_logged(tmp_path: Path) -> None:
     lines: list[str] = []
     write(tmp_path, n_train=30, n_val=30, log=lines.append)
-    assert any(re.match(r"train: 30/30 rows \([\d,]+ rows/s", line) for line in lines)
+    assert any(re.match(r"train: 30/30 rows \([\d,.]+ rows/s, \d+s elapsed, ETA 0s\)", line) for line in lines)

@@ -30,6 +30,7 @@ from datasets.utils.tqdm import (
 from PIL import Image as PILImage
 
 from vlmdiff.files import atomic_path
+from vlmdiff.logs import Progress
 from vlmdiff.world import (
     BINARY_RELATIONS,
     QA,
@@ -271,30 +272,6 @@ def write_json(obj: Any, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
     return Path(path)
-
-
-class Progress:
-    """Log lines "name: done/total unit (rate/s, eta)" every `every_s` seconds and at the end."""
-
-    def __init__(
-        self, name: str, total: int, log: Log, unit: str = "rows", every_s: float = 5.0
-    ) -> None:
-        self.name, self.total, self.log, self.unit = name, total, log, unit
-        self.every_s = every_s
-        self.start = self.last = time.monotonic()
-
-    def update(self, done: int) -> None:
-        now = time.monotonic()
-        if done < self.total and now - self.last < self.every_s:
-            return
-        self.last = now
-        elapsed = max(now - self.start, 1e-9)
-        rate = done / elapsed
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        self.log(
-            f"{self.name}: {done}/{self.total} {self.unit} "
-            f"({rate:,.0f} {self.unit}/s, {elapsed:.1f} s elapsed, eta {eta:.1f} s)"
-        )
 
 
 def scene_json(scene: Scene) -> str:

@@ -25,9 +25,34 @@ def job_logger(log_path: str | Path | None, name: str = "vlmdiff") -> Callable[[
     return logger.info
 
 
-def progress_line(what: str, done: int, total: int, start: float) -> str:
-    """ "what: done/total (rate/s, ETA)" for a loop begun at `start` (`time.perf_counter()`)."""
+def progress_line(what: str, done: int, total: int, start: float, unit: str = "") -> str:
+    """ "what: done/total unit (rate unit/s, ETA)" for a loop begun at `start`
+    (`time.perf_counter()`)."""
     elapsed = time.perf_counter() - start
     rate = done / max(elapsed, 1e-9)
     eta = (total - done) / max(rate, 1e-9)
-    return f"{what}: {done}/{total} ({rate:.1f}/s, ETA {eta:.0f}s)"
+    u = f" {unit}" if unit else ""
+    return f"{what}: {done}/{total}{u} ({rate:,.1f}{u}/s, {elapsed:.0f}s elapsed, ETA {eta:.0f}s)"
+
+
+class Progress:
+    """`progress_line`s for a long loop, at most one per `every_s` seconds, and the last one."""
+
+    def __init__(
+        self,
+        name: str,
+        total: int,
+        log: Callable[[str], None],
+        unit: str = "rows",
+        every_s: float = 5.0,
+    ) -> None:
+        self.name, self.total, self.log, self.unit = name, total, log, unit
+        self.every_s = every_s
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if done < self.total and now - self.last < self.every_s:
+            return
+        self.last = now
+        self.log(progress_line(self.name, done, self.total, self.start, self.unit))

@@ -35,6 +35,12 @@ def save(fig: plt.Figure, png: str | Path, pdf: str | Path | None = None) -> Non
     plt.close(fig)
 
 
+def _bar_slots(n_groups: int, n_models: int) -> tuple[np.ndarray, float, list[float]]:
+    """Group centres, bar width and each model's offset for bars grouped side by side."""
+    width = 0.8 / n_models
+    return np.arange(n_groups), width, [(i - (n_models - 1) / 2) * width for i in range(n_models)]
+
+
 def accuracy_bars(
     table: pd.DataFrame, title: str, by: tuple[str, str] = ("family", "answer_type")
 ) -> plt.Figure:
@@ -50,11 +56,10 @@ def accuracy_bars(
     t["group"] = t[group].astype(str) + "\n(" + t[sub].astype(str) + ")"
     groups = sorted(t["group"].unique())
     models = list(dict.fromkeys(t["model"]))
-    width = 0.8 / len(models)
-    x = np.arange(len(groups))
-    for i, m in enumerate(models):
+    x, width, offsets = _bar_slots(len(groups), len(models))
+    for m, off in zip(models, offsets, strict=True):
         acc = t[t["model"] == m].set_index("group")["accuracy"].reindex(groups)
-        ax.bar(x + (i - (len(models) - 1) / 2) * width, acc, width, label=m)
+        ax.bar(x + off, acc, width, label=m)
     base = t.drop_duplicates("group").set_index("group")["majority_baseline"].reindex(groups)
     ax.scatter(x, base, marker="_", s=600, color="black", zorder=3, label="majority answer")
     ax.set_xticks(x, groups)
@@ -78,15 +83,14 @@ def error_bars(table: pd.DataFrame, title: str) -> plt.Figure:
         axes[0, 0].set_title(title)
         return fig
     models = list(dict.fromkeys(table["model"]))
-    width = 0.8 / len(models)
     for ax, family in zip(axes[0], families, strict=True):
         t = table[table["family"] == family]
         groups = list(dict.fromkeys(t["n_objects"].astype(str)))
-        x = np.arange(len(groups))
-        for i, m in enumerate(models):
+        x, width, offsets = _bar_slots(len(groups), len(models))
+        for m, off in zip(models, offsets, strict=True):
             r = t[t["model"] == m]
             r = r.set_index(r["n_objects"].astype(str)).reindex(groups)
-            pos = x + (i - (len(models) - 1) / 2) * width
+            pos = x + off
             bars = ax.bar(pos, r["correct"], width, label=m)
             ax.bar(pos, r["another object's"], width, bottom=r["correct"], hatch="//",
                    color="none", edgecolor=bars.patches[0].get_facecolor(), linewidth=0)
@@ -107,8 +111,9 @@ REGIME_COLOURS = {"full": "#1f77b4", "image": "#d62728", "text": "#2ca02c", "ran
 
 
 def position_lines(table: pd.DataFrame, title: str) -> plt.Figure:
-    """R^2 of linear probes for each patch's column (solid) and row (dashed), per model, from the vision tower
-    through the projector to every language-model layer (`evaluation.image_token_positions`)."""
+    """R^2 of linear probes for each patch's column (solid) and row (dashed), per model, from
+    the vision tower through the projector to every language-model layer
+    (`evaluation.image_token_positions`)."""
     fig, ax = plt.subplots(figsize=(7, 3.4))
     for i, (model, t) in enumerate(table.groupby("model", sort=False)):
         t = t.sort_values("depth")
