@@ -7,11 +7,11 @@ for every patch, which object (colour and shape) has its centre there, the lette
 where in the patch the centre lies. Only the tower is kept; the per-patch heads are dropped.
 
 None of those targets needs a patch to know where it is in the image, and a tower trained on
-them alone forgets: its patch position embeddings fade layer by layer, and the projector drops
-the rest, so the language model gets image tokens that do not say where they are and cannot
-learn "left of". `position_weight` > 0 adds a fourth head that reads each patch's own grid
-position (column, row), which keeps the position linearly in the features that the projector
-receives (`position_r2` measures it).
+them alone forgets: its patch position embeddings fade layer by layer and the projector drops
+the rest, so the language model gets image tokens that do not say which column they are in
+(`evaluation.image_token_positions`). `position_weight` > 0 adds a fourth head that reads each
+patch's own grid position (column, row), which keeps it linearly in the tower's features
+(`position_r2` measures it); LLaVA stage 2 still wipes it from the projector's output.
 """
 
 from __future__ import annotations
