@@ -189,36 +189,34 @@ def image_token_positions(
     the image positions. Attention moves a token's content but not its place (RoPE acts on
     queries and keys only), so whatever a question learns about where an object is must come
     from these features."""
-    from vlmdiff.training import prompt_texts
-    from vlmdiff.vision import grid_positions, linear_r2
+    from vlmdiff.attribution import projector
+    from vlmdiff.vision import patch_place_r2
 
     rows = []
+    # the projector's input is the tower's selected feature layer, its output the LM's input
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     for name, (model, processor) in vlms.items():
-        tokenizer = processor.tokenizer
-        tokenizer.padding_side = "right"
-        text = prompt_texts(tokenizer, ["?"], with_image=True)[0]
-        image_id = model.config.image_token_id
-        layer = model.config.vision_feature_layer
+        text = prompt_texts(processor.tokenizer, ["?"], with_image=True)[0]
         feats: dict[str, list[torch.Tensor]] = {}
-        for start in range(0, len(images), batch_size):
-            imgs = list(images[start : start + batch_size])
-            batch = processor(text=[text] * len(imgs), images=imgs, return_tensors="pt")
-            batch = {k: v.to(device) for k, v in batch.items()}
-            pixels = batch["pixel_values"].to(model.dtype)
-            tower = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[layer]
-            out = model(**batch, output_hidden_states=True)
-            mask = batch["input_ids"] == image_id
-            n = int(mask[0].sum())
-            steps = {"vision tower": tower[:, -n:], "projector (LM input)": out.hidden_states[0][mask]}
-            for k, h in enumerate(out.hidden_states[1:], start=1):
-                steps[f"LM layer {k}"] = h[mask]
-            for where, h in steps.items():
-                feats.setdefault(where, []).append(h.reshape(len(imgs), n, -1).float().cpu())
+        handle = projector(model).register_forward_hook(lambda _m, a, o: seen.append((a[0], o)))
+        try:
+            for start in range(0, len(images), batch_size):
+                imgs = list(images[start : start + batch_size])
+                batch = processor(text=[text] * len(imgs), images=imgs, return_tensors="pt")
+                batch = {k: v.to(device) for k, v in batch.items()}
+                out = model(**batch, output_hidden_states=True)
+                tower, projected = seen.pop()
+                mask = batch["input_ids"] == model.config.image_token_id
+                steps = {"vision tower": tower, "projector (LM input)": projected}
+                for k, h in enumerate(out.hidden_states[1:], start=1):
+                    steps[f"LM layer {k}"] = h[mask].reshape(len(imgs), -1, h.shape[-1])
+                for where, h in steps.items():
+                    feats.setdefault(where, []).append(h.float().cpu())
+        finally:
+            handle.remove()
         for depth, (where, hs) in enumerate(feats.items()):
             h = torch.cat(hs)
-            grid = grid_positions(int(round(h.shape[1] ** 0.5)))
-            x, y = h.flatten(0, 1), grid.repeat(len(h), 1)
+            r2_column, r2_row = patch_place_r2(h)
             rows.append({"model": name, "where": where, "depth": depth - 1,
-                         "r2_column": linear_r2(x, y[:, :1]), "r2_row": linear_r2(x, y[:, 1:]),
-                         "n_images": len(h)})
+                         "r2_column": r2_column, "r2_row": r2_row, "n_images": len(h)})
     return pd.DataFrame(rows)

@@ -77,19 +77,18 @@ class PatchProbe(torch.nn.Module):
         self.object_head = torch.nn.Linear(d, n_objects + 1)
         self.letter_head = torch.nn.Linear(d, n_letters + 1)
         self.offset_head = torch.nn.Linear(d, 2)
-        self.position_head = torch.nn.Linear(d, 2)
         self.position_weight = position_weight
-        grid = tower.config.image_size // tower.config.patch_size
-        self.register_buffer("positions", grid_positions(grid), persistent=False)
+        if position_weight > 0:
+            self.position_head = torch.nn.Linear(d, 2)
+            grid = tower.config.image_size // tower.config.patch_size
+            self.register_buffer("positions", grid_positions(grid), persistent=False)
 
     def predict(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.tower(pixel_values=pixel_values).last_hidden_state[:, 1:]  # CLS dropped
-        return {
-            "object": self.object_head(h),
-            "letter": self.letter_head(h),
-            "offset": self.offset_head(h),
-            "position": self.position_head(h),
-        }
+        out = {"object": self.object_head(h), "letter": self.letter_head(h), "offset": self.offset_head(h)}
+        if self.position_weight > 0:
+            out["position"] = self.position_head(h)
+        return out
 
     def forward(self, pixel_values, object, letter, offset):  # noqa: A002 - target name
         out = self.predict(pixel_values)
@@ -199,12 +198,20 @@ def linear_r2(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3, train_fract
     return float((1 - resid / y[n:].var(0, unbiased=False)).mean())
 
 
+def patch_place_r2(features: torch.Tensor) -> tuple[float, float]:
+    """Held-out R^2 of ridge probes for each patch's column and row from per-patch features
+    `[images, patches (row-major square grid), dim]`, fitted on 70% of the images."""
+    grid = grid_positions(int(round(features.shape[1] ** 0.5)))
+    x, y = features.flatten(0, 1), grid.repeat(len(features), 1)
+    return linear_r2(x, y[:, :1]), linear_r2(x, y[:, 1:])
+
+
 @torch.no_grad()
 def position_r2(
     tower: CLIPVisionModel, pixels: torch.Tensor, device: torch.device, feature_layer: int = -1
 ) -> float:
-    """How linearly the tower's patch features at `feature_layer` say where each patch is:
-    held-out R^2 of a ridge probe for (column, row), fitted on 70% of the images."""
+    """How linearly the tower's patch features at `feature_layer` say where each patch is: the
+    mean of `patch_place_r2`'s column and row."""
     if len(pixels) < 4:
         return float("nan")
     tower.eval()
@@ -212,6 +219,4 @@ def position_r2(
     for start in range(0, len(pixels), 256):
         out = tower(pixel_values=pixels[start : start + 256].float().to(device), output_hidden_states=True)
         feats.append(out.hidden_states[feature_layer][:, 1:].float().cpu())
-    h = torch.cat(feats)
-    grid = grid_positions(int(round(h.shape[1] ** 0.5)))
-    return linear_r2(h.flatten(0, 1), grid.repeat(len(h), 1))
+    return float(np.mean(patch_place_r2(torch.cat(feats))))
