@@ -50,7 +50,7 @@ import xarray as xr
 from vlmdiff.cache import encode_rows
 from vlmdiff.lexical import prompt_span
 from vlmdiff.logs import progress_line
-from vlmdiff.models import language_layers
+from vlmdiff.models import language_layers, projector
 from vlmdiff.splice import replace_layer_output
 
 if TYPE_CHECKING:
@@ -174,12 +174,6 @@ def kv_head_of(n_heads: int, n_kv_heads: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------- corruption
-
-
-def projector(model: torch.nn.Module) -> torch.nn.Module:
-    """The multimodal projector, whose outputs are the layer-0 image token embeddings."""
-    inner = getattr(model, "model", model)
-    return inner.multi_modal_projector
 
 
 @contextmanager

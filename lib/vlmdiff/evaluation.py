@@ -10,6 +10,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerFast
 
+from vlmdiff.models import projector
 from vlmdiff.training import prompt_texts
 
 
@@ -189,7 +190,6 @@ def image_token_positions(
     the image positions. Attention moves a token's content but not its place (RoPE acts on
     queries and keys only), so whatever a question learns about where an object is must come
     from these features."""
-    from vlmdiff.attribution import projector
     from vlmdiff.vision import patch_place_r2
 
     rows = []

@@ -183,6 +183,12 @@ def language_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return inner.layers
 
 
+def projector(model: torch.nn.Module) -> torch.nn.Module:
+    """A VLM's multimodal projector, whose outputs are the layer-0 image token embeddings."""
+    inner = getattr(model, "model", model)
+    return inner.multi_modal_projector
+
+
 def save_atomic(obj_list: list[Any], out_dir: Path) -> None:
     """`save_pretrained` each object into a temporary folder, then move it into place."""
     with atomic_dir(out_dir) as tmp:

@@ -14,7 +14,16 @@ import torch
 from datasets import Dataset
 from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
-from vlmdiff.tokenizer import ASSISTANT, user_prompt
+from vlmdiff.models import (
+    build_lm,
+    build_vlm,
+    load_lm,
+    load_vision_tower,
+    load_vlm,
+    make_processor,
+    projector,
+)
+from vlmdiff.tokenizer import ASSISTANT, build_tokenizer, user_prompt
 
 IGNORE = -100
 Log = Callable[[str], None]
@@ -308,7 +317,7 @@ def set_stage_trainable(vlm: torch.nn.Module, stage: int, train_vision: bool = T
     for p in vlm.parameters():
         p.requires_grad_(stage == 2)
     if stage == 1:
-        modules = [vlm.model.multi_modal_projector]
+        modules = [projector(vlm)]
         if train_vision:
             modules.append(vlm.model.vision_tower)
         for m in modules:
@@ -346,8 +355,6 @@ def pretrain_lm(
     log: Log = print,
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerFast, list[dict[str, float]]]:
     """Build the tokenizer, then train a fresh Llama LM on the scene corpus."""
-    from vlmdiff.models import build_lm
-    from vlmdiff.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(vocabulary_texts(corpus, vqa, vsr, prompts, scene_cfg))
     log(f"vocabulary: {len(tokenizer)} tokens")
@@ -406,8 +413,6 @@ def start_vlm_stage(
 ) -> tuple[torch.nn.Module, LlavaProcessor, int]:
     """Stage 1 builds the VLM around the pretrained LM (and the pretrained vision tower in
     `vision_dir`, else a fresh one); stage 2 continues from stage 1."""
-    from vlmdiff.models import build_vlm, load_lm, load_vision_tower, load_vlm, make_processor
-
     if lm_dir is not None:
         lm, tokenizer = load_lm(lm_dir)
         tower = load_vision_tower(vision_dir) if vision_dir is not None else None
