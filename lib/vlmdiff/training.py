@@ -355,7 +355,6 @@ def pretrain_lm(
     log: Log = print,
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerFast, list[dict[str, float]]]:
     """Build the tokenizer, then train a fresh Llama LM on the scene corpus."""
-
     tokenizer = build_tokenizer(vocabulary_texts(corpus, vqa, vsr, prompts, scene_cfg))
     log(f"vocabulary: {len(tokenizer)} tokens")
     data = encode_corpus(tokenizer, corpus, lm_cfg["max_len"], lm_cfg["train"].get("loss_on", "answers"))
