@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from vlmdiff.models import projector
 from vlmdiff.training import prompt_texts
+from vlmdiff.vision import patch_place_r2
 
 
 @torch.no_grad()
@@ -190,8 +191,6 @@ def image_token_positions(
     the image positions. Attention moves a token's content but not its place (RoPE acts on
     queries and keys only), so whatever a question learns about where an object is must come
     from these features."""
-    from vlmdiff.vision import patch_place_r2
-
     rows = []
     # the projector's input is the tower's selected feature layer, its output the LM's input
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []

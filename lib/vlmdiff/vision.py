@@ -85,7 +85,8 @@ class PatchProbe(torch.nn.Module):
 
     def predict(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.tower(pixel_values=pixel_values).last_hidden_state[:, 1:]  # CLS dropped
-        out = {"object": self.object_head(h), "letter": self.letter_head(h), "offset": self.offset_head(h)}
+        out = {"features": h, "object": self.object_head(h), "letter": self.letter_head(h),
+               "offset": self.offset_head(h)}
         if self.position_weight > 0:
             out["position"] = self.position_head(h)
         return out
@@ -153,7 +154,6 @@ def pretrain_vision(
     it = _batches(pixels[:n_train], train_labels, cfg.batch_size, seed)
     history = train(probe, list(probe.parameters()), it, cfg, device, "vision", log)
     metrics = patch_accuracy(probe, pixels[n_train:], {k: v[n_train:] for k, v in labels.items()}, device)
-    metrics["position_r2"] = position_r2(tower, pixels[n_train:], device)
     log("vision held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return history, metrics
 
@@ -162,21 +162,26 @@ def pretrain_vision(
 def patch_accuracy(
     probe: PatchProbe, pixels: torch.Tensor, labels: Mapping[str, torch.Tensor], device: torch.device
 ) -> dict[str, float]:
-    """Object accuracy on patches holding a centre, on empty patches, and letter accuracy."""
+    """Object accuracy on patches holding a centre, on empty patches, letter accuracy, and
+    `position_r2`: how linearly the tower's patch features say where each patch is (the mean of
+    `patch_place_r2`'s column and row; NaN below 4 images)."""
     if len(pixels) == 0:
-        return {}
+        return {"position_r2": float("nan")}
     probe.eval()
-    preds = {k: [] for k in ("object", "letter")}
+    preds = {k: [] for k in ("object", "letter", "features")}
     for start in range(0, len(pixels), 256):
         out = probe.predict(pixels[start : start + 256].float().to(device))
-        for k in preds:
+        preds["features"].append(out["features"].float().cpu())
+        for k in ("object", "letter"):
             preds[k].append(out[k].argmax(-1).cpu())
     obj, letter = torch.cat(preds["object"]), torch.cat(preds["letter"])
     has = labels["object"] < probe.object_head.out_features - 1
+    r2 = np.mean(patch_place_r2(torch.cat(preds["features"]))) if len(pixels) >= 4 else np.nan
     return {
         "object_accuracy": float((obj[has] == labels["object"][has]).float().mean()),
         "empty_accuracy": float((obj[~has] == labels["object"][~has]).float().mean()),
         "letter_accuracy": float((letter[has] == labels["letter"][has]).float().mean()),
+        "position_r2": float(r2),
     }
 
 
@@ -204,19 +209,3 @@ def patch_place_r2(features: torch.Tensor) -> tuple[float, float]:
     grid = grid_positions(int(round(features.shape[1] ** 0.5)))
     x, y = features.flatten(0, 1), grid.repeat(len(features), 1)
     return linear_r2(x, y[:, :1]), linear_r2(x, y[:, 1:])
-
-
-@torch.no_grad()
-def position_r2(
-    tower: CLIPVisionModel, pixels: torch.Tensor, device: torch.device, feature_layer: int = -1
-) -> float:
-    """How linearly the tower's patch features at `feature_layer` say where each patch is: the
-    mean of `patch_place_r2`'s column and row."""
-    if len(pixels) < 4:
-        return float("nan")
-    tower.eval()
-    feats = []
-    for start in range(0, len(pixels), 256):
-        out = tower(pixel_values=pixels[start : start + 256].float().to(device), output_hidden_states=True)
-        feats.append(out.hidden_states[feature_layer][:, 1:].float().cpu())
-    return float(np.mean(patch_place_r2(torch.cat(feats))))
