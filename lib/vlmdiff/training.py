@@ -266,8 +266,13 @@ def train(
     device: torch.device,
     tag: str,
     log: Log = print,
+    on_log: Callable[[int], dict[str, float] | None] | None = None,
 ) -> list[dict[str, float]]:
-    """Run `cfg.steps` optimiser steps; returns the logged loss history."""
+    """Run `cfg.steps` optimiser steps; returns the logged loss history.
+
+    `on_log(step)`, when given, runs at every log step with the model in eval mode (e.g. a
+    held-out evaluation); the values it returns join that step's history row.
+    """
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg.warmup_steps, cfg.steps))
     model.train()
@@ -298,6 +303,12 @@ def train(
                 f"lr {sched.get_last_lr()[0]:.2e} {rate:.1f} samples/s eta {eta:.0f}s"
             )
             running = 0.0
+            if on_log is not None:
+                paused = time.perf_counter()
+                model.eval()
+                history[-1].update(on_log(step) or {})
+                model.train()
+                t0 += time.perf_counter() - paused  # rates and ETAs count training time only
     model.eval()
     return history
 
