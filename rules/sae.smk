@@ -95,12 +95,41 @@ rule adapt_sae:
         "../workflow_scripts/adapt_sae.py"
 
 
+rule splice_baseline:
+    """Clean and zero-ablated CE per layer on the splice sample, shared by every regime."""
+    input:
+        vlm=f"{R}/models/vlm_stage2",
+        val=world_file("val"),
+    output:
+        table=f"{R}/sae/splice_baseline.csv",
+    params:
+        samples=config["sae"]["splice"]["samples"],
+        batch_size=config["sae"]["splice"]["batch_size"],
+        layers=LAYERS,
+        seed=config["seed"],
+        device=config["device"],
+    log:
+        f"{LOGS}/sae/splice_baseline.log",
+    benchmark:
+        f"{BENCH}/sae/splice_baseline.tsv"
+    threads: 4
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=1,
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/splice_baseline.py"
+
+
 rule splice_eval:
     """CE loss recovered and KL with each layer's adapted SAE spliced into the VLM."""
     input:
         vlm=f"{R}/models/vlm_stage2",
         val=world_file("val"),
         saes=regime_sae_dirs,
+        baseline=f"{R}/sae/splice_baseline.csv",
     output:
         table=f"{R}/sae/{{regime}}/splice.csv",
     params:

@@ -1,11 +1,18 @@
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from datasets import Dataset
 from PIL import Image
 from vlmdiff.models import build_lm, build_vlm, make_processor
 from vlmdiff.sae import TopKSAE
-from vlmdiff.splice import encode_eval_batch, regime_span, replace_layer_output, splice_metrics
+from vlmdiff.splice import (
+    encode_eval_batch,
+    regime_span,
+    replace_layer_output,
+    splice_metrics,
+    zero_ablation_metrics,
+)
 from vlmdiff.tokenizer import build_tokenizer
 
 
@@ -89,3 +96,21 @@ def test_regime_spans():
     assert regime_span("image", 9)(ids, attn).tolist() == [[False, True, True, False, False, False]]
     assert regime_span("text", 9)(ids, attn).tolist() == [[False, False, False, True, True, False]]
     assert regime_span("random", 9)(ids, attn).tolist() == [[False, True, True, True, True, False]]
+
+
+def test_shared_baseline_gives_the_same_table(vlm):
+    model, proc, ds = vlm
+    d = model.config.text_config.hidden_size
+    span = regime_span("text", model.config.image_token_id)
+    saes = {0: zero_sae(d), 1: identity_sae(d)}
+    cpu, quiet = torch.device("cpu"), (lambda m: None)
+    alone = splice_metrics(model, proc, ds, saes, span, cpu, 2, log=quiet)
+    baseline = zero_ablation_metrics(model, proc, ds, [0, 1], cpu, 2, log=quiet)
+    assert list(baseline.columns) == ["layer", "ce_clean", "ce_zero_ablation", "n_tokens"]
+    shared = splice_metrics(model, proc, ds, saes, span, cpu, 2, log=quiet, baseline=baseline)
+    pd.testing.assert_frame_equal(alone, shared, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"no zero-ablation row for layer\(s\) \[1\]"):
+        splice_metrics(model, proc, ds, saes, span, cpu, 2, log=quiet, baseline=baseline[:1])
+    other = baseline.assign(ce_clean=baseline.ce_clean + 0.5)
+    with pytest.raises(ValueError, match="other samples"):
+        splice_metrics(model, proc, ds, saes, span, cpu, 2, log=quiet, baseline=other)

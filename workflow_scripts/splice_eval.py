@@ -1,4 +1,5 @@
 import torch
+from vlmdiff.files import write_table
 from vlmdiff.logs import job_logger
 from vlmdiff.splice import splice_job
 
@@ -13,6 +14,7 @@ table = splice_job(
     batch_size=p.batch_size,
     seed=p.seed,
     device=p.device,
+    baseline_path=snakemake.input.baseline,
     log=job_logger(snakemake.log[0]),
 )
-table.to_csv(snakemake.output.table, index=False)
+write_table(table, snakemake.output.table)

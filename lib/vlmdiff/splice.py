@@ -8,9 +8,10 @@ answer of a held-out VQA prompt), so image positions never count as predictions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -73,20 +74,19 @@ def _targets(batch: Mapping[str, torch.Tensor], image_token_id: int) -> torch.Te
 
 
 @torch.no_grad()
-def splice_metrics(
+def _loss_sums(
     model: torch.nn.Module,
     processor,
     ds: Dataset,
-    saes: Mapping[int, TopKSAE],
-    span_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None],
+    runs: Callable[[dict[str, torch.Tensor]], Mapping[tuple[int, str], Replace]],
     device: torch.device,
-    batch_size: int = 32,
-    log: Callable[[str], None] = print,
-) -> pd.DataFrame:
-    """Per layer: CE clean / zero-ablated / spliced, CE loss recovered, and KL(clean || spliced).
-
-    `span_of(input_ids, attention_mask)` picks the tokens whose output is replaced (None = all).
-    """
+    batch_size: int,
+    log: Callable[[str], None],
+    what: str,
+) -> tuple[dict[tuple[int, str], float], int]:
+    """Summed CE of the clean run (key (-1, "clean")) and of each run `runs(batch)` names as
+    (layer, kind) -> replacement of that layer's output, plus KL(clean || run) as (layer,
+    kind + "_kl"), over the target positions of every batch; and the number of those."""
     image_id = model.config.image_token_id
     sums: dict[tuple[int, str], float] = {}
     n_tokens = 0
@@ -99,34 +99,107 @@ def splice_metrics(
         clean = model(**batch).logits[:, :-1].float()
         clean_logp = clean.log_softmax(-1)
         _add(sums, (-1, "clean"), _ce(clean, labels, mask))
+        for (layer, kind), fn in runs(batch).items():
+            with replace_layer_output(model, layer, fn):
+                out = model(**batch).logits[:, :-1].float()
+            _add(sums, (layer, kind), _ce(out, labels, mask))
+            kl = F.kl_div(out.log_softmax(-1), clean_logp, log_target=True, reduction="none")
+            _add(sums, (layer, f"{kind}_kl"), float(kl.sum(-1)[mask].sum()))
+        log(f"{what}: {min(start + batch_size, len(ds))}/{len(ds)} samples")
+    return sums, n_tokens
+
+
+def zero_ablation_metrics(
+    model: torch.nn.Module,
+    processor,
+    ds: Dataset,
+    layers: Sequence[int],
+    device: torch.device,
+    batch_size: int = 32,
+    log: Callable[[str], None] = print,
+) -> pd.DataFrame:
+    """Per layer: CE clean and with the layer's output zero-ablated, the two ends of CE loss
+    recovered. They do not depend on the SAE, so one table serves every regime."""
+    sums, n_tokens = _loss_sums(
+        model, processor, ds, lambda batch: {(layer, "zero"): torch.zeros_like for layer in layers},
+        device, batch_size, log, "splice baseline",
+    )
+    return pd.DataFrame(
+        [
+            {"layer": layer, "ce_clean": sums[(-1, "clean")] / n_tokens,
+             "ce_zero_ablation": sums[(layer, "zero")] / n_tokens, "n_tokens": n_tokens}
+            for layer in layers
+        ]
+    )
+
+
+def splice_metrics(
+    model: torch.nn.Module,
+    processor,
+    ds: Dataset,
+    saes: Mapping[int, TopKSAE],
+    span_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None],
+    device: torch.device,
+    batch_size: int = 32,
+    log: Callable[[str], None] = print,
+    baseline: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Per layer: CE clean / zero-ablated / spliced, CE loss recovered, and KL(clean || spliced).
+
+    `span_of(input_ids, attention_mask)` picks the tokens whose output is replaced (None = all).
+    `baseline` (`zero_ablation_metrics` on the same samples) saves the zero-ablated runs; it
+    must cover every layer of `saes` and agree on the clean loss.
+    """
+
+    def runs(batch: dict[str, torch.Tensor]) -> dict[tuple[int, str], Replace]:
         span = span_of(batch["input_ids"], batch["attention_mask"])
+        out: dict[tuple[int, str], Replace] = {}
         for layer, sae in saes.items():
-            with replace_layer_output(model, layer, torch.zeros_like):
-                zero = model(**batch).logits[:, :-1].float()
-            with replace_layer_output(model, layer, sae_replacement(sae, span)):
-                spliced = model(**batch).logits[:, :-1].float()
-            _add(sums, (layer, "zero"), _ce(zero, labels, mask))
-            _add(sums, (layer, "sae"), _ce(spliced, labels, mask))
-            kl = F.kl_div(spliced.log_softmax(-1), clean_logp, log_target=True, reduction="none")
-            _add(sums, (layer, "kl"), float(kl.sum(-1)[mask].sum()))
-        log(f"splice eval: {min(start + batch_size, len(ds))}/{len(ds)} samples")
+            if baseline is None:
+                out[(layer, "zero")] = torch.zeros_like
+            out[(layer, "sae")] = sae_replacement(sae, span)
+        return out
+
+    sums, n_tokens = _loss_sums(model, processor, ds, runs, device, batch_size, log, "splice eval")
     ce_clean = sums[(-1, "clean")] / n_tokens
+    if baseline is None:
+        ce_zero = {layer: sums[(layer, "zero")] / n_tokens for layer in saes}
+    else:
+        ce_zero = _baseline_zero(baseline, list(saes), ce_clean, n_tokens)
     rows_out = []
     for layer in saes:
-        ce_zero = sums[(layer, "zero")] / n_tokens
         ce_sae = sums[(layer, "sae")] / n_tokens
         rows_out.append(
             {
                 "layer": layer,
                 "ce_clean": ce_clean,
-                "ce_zero_ablation": ce_zero,
+                "ce_zero_ablation": ce_zero[layer],
                 "ce_spliced": ce_sae,
-                "ce_loss_recovered": (ce_zero - ce_sae) / (ce_zero - ce_clean),
-                "kl": sums[(layer, "kl")] / n_tokens,
+                "ce_loss_recovered": (ce_zero[layer] - ce_sae) / (ce_zero[layer] - ce_clean),
+                "kl": sums[(layer, "sae_kl")] / n_tokens,
                 "n_tokens": n_tokens,
             }
         )
     return pd.DataFrame(rows_out)
+
+
+def _baseline_zero(
+    baseline: pd.DataFrame, layers: Sequence[int], ce_clean: float, n_tokens: int
+) -> dict[int, float]:
+    """The baseline's zero-ablated CE per layer, after checking it was measured on these samples."""
+    missing = sorted(set(layers) - set(baseline["layer"]))
+    if missing:
+        raise ValueError(f"splice baseline has no zero-ablation row for layer(s) {missing}")
+    same = (baseline["n_tokens"] == n_tokens).all() and np.allclose(
+        baseline["ce_clean"], ce_clean, rtol=1e-4, atol=1e-6
+    )
+    if not same:
+        raise ValueError(
+            f"splice baseline was measured on other samples or another model: clean CE "
+            f"{baseline['ce_clean'].iloc[0]:.6f} on {baseline['n_tokens'].iloc[0]} tokens, "
+            f"here {ce_clean:.6f} on {n_tokens}"
+        )
+    return dict(zip(baseline["layer"], baseline["ce_zero_ablation"], strict=True))
 
 
 def _ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> float:
@@ -160,6 +233,33 @@ def regime_span(
     return span
 
 
+def _load_eval(vlm_dir: str, val_path: str, samples: int, seed: int, device: str):
+    """The VLM on its device and the held-out sample of `val` every splice job scores."""
+    from vlmdiff.data import load_split
+    from vlmdiff.models import load_vlm, resolve_device
+
+    dev = resolve_device(device)
+    model, processor = load_vlm(vlm_dir, dev)
+    val = load_split(val_path)
+    return model, processor, val.shuffle(seed=seed).select(range(min(samples, len(val)))), dev
+
+
+def splice_baseline_job(
+    vlm_dir: str,
+    val_path: str,
+    layers: Sequence[int],
+    *,
+    samples: int,
+    batch_size: int,
+    seed: int,
+    device: str,
+    log: Callable[[str], None] = print,
+) -> pd.DataFrame:
+    """`zero_ablation_metrics` on the splice sample of `val`, once for all regimes."""
+    model, processor, val, dev = _load_eval(vlm_dir, val_path, samples, seed, device)
+    return zero_ablation_metrics(model, processor, val, layers, dev, batch_size, log)
+
+
 def splice_job(
     vlm_dir: str,
     val_path: str,
@@ -170,19 +270,16 @@ def splice_job(
     batch_size: int,
     seed: int,
     device: str,
+    baseline_path: str | None = None,
     log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
-    """Load the VLM, a held-out sample of `val` and the regime's SAEs; return splice metrics."""
-    from vlmdiff.data import load_split
-    from vlmdiff.models import load_vlm, resolve_device
-
-    dev = resolve_device(device)
-    model, processor = load_vlm(vlm_dir, dev)
-    val = load_split(val_path)
-    val = val.shuffle(seed=seed).select(range(min(samples, len(val))))
+    """Load the VLM, a held-out sample of `val` and the regime's SAEs; return splice metrics
+    (the zero-ablated losses from `baseline_path`, a `splice_baseline_job` table, when given)."""
+    model, processor, val, dev = _load_eval(vlm_dir, val_path, samples, seed, device)
     saes = {layer: TopKSAE.load(path, device=dev) for layer, path in sae_dirs.items()}
+    baseline = None if baseline_path is None else pd.read_csv(baseline_path)
     table = splice_metrics(
         model, processor, val, saes, regime_span(regime, model.config.image_token_id), dev,
-        batch_size, log,
+        batch_size, log, baseline,
     )
     return table.assign(regime=regime)
