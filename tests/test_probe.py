@@ -106,11 +106,11 @@ def test_probe_learns_comparison_when_no_binding_is_needed(tiny_config):
     assert final.accuracy.item() > 0.8
 
 
-def test_cli_writes_the_table(tmp_path, monkeypatch):
+def test_cli_writes_the_table(tmp_path):
     out = tmp_path / "probe.csv"
     table = main(["--order", "question", "--relations", "above", "--steps", "2", "--log-every",
-                  "1", "--layers", "1", "--train-scenes", "64", "--eval-scenes", "16",
-                  "--batch-size", "8", "--device", "cpu", "--out", str(out)])
+                  "1", "--layers", "1", "--max-objects", "2", "--train-scenes", "64",
+                  "--eval-scenes", "16", "--batch-size", "8", "--device", "cpu", "--out", str(out)])
     assert out.is_file() and len(table) == 2 * 2  # two log steps x (above, all)
     assert set(table.relation) == {"above", "all"}
 

@@ -196,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--order", choices=[*ORDERS, "both"], default="both")
     ap.add_argument("--relations", nargs="+", default=list(RELATIONS), metavar="REL",
                     help='e.g. "left of" "right of" (default: all seven)')
+    ap.add_argument("--max-objects", type=int, help="default: world.scene.max_objects")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, help="default: lm.train.lr")
@@ -214,9 +215,12 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     lm = dict(cfg["lm"], num_layers=args.layers or cfg["lm"]["num_layers"])
     lm["train"] = dict(lm["train"], steps=args.steps, batch_size=args.batch_size,
                        log_every=args.log_every, lr=args.lr or lm["train"]["lr"], length_pool=1)
+    scene = dict(cfg["world"]["scene"])
+    if args.max_objects:
+        scene["max_objects"] = args.max_objects
     orders = ORDERS if args.order == "both" else (args.order,)
     tables = [
-        run_probe(cfg["world"]["scene"], lm, order, args.relations, args.train_scenes,
+        run_probe(scene, lm, order, args.relations, args.train_scenes,
                   args.eval_scenes, args.seed, resolve_device(args.device))
         for order in orders
     ]
