@@ -126,3 +126,19 @@ def test_relation_question_answers_hold():
         by_name = {o.name: o for o in scene.objects}
         holds = relation_holds(qa.relation, by_name[qa.subj], by_name[qa.obj], cfg)
         assert qa.answer == ("yes" if holds else "no")
+
+
+def test_held_out_scenes_repeat_no_training_scene():
+    # a 2 x 2 text grid and two objects make repeats common
+    cfg = probe_world({"max_objects": 2, "text_grid": 2, "colours": ["red", "green", "blue"]},
+                      LEFT_RIGHT)
+    rng = np.random.default_rng(3)
+    train_ds = relation_corpus(cfg, rng, 300, "shuffled", LEFT_RIGHT)
+
+    def pairs(ds):
+        return set(zip(ds["description"], (q[0] for q in ds["questions"]), strict=True))
+
+    fresh = relation_corpus(cfg, rng, 300, "shuffled", LEFT_RIGHT)
+    assert pairs(fresh) & pairs(train_ds)  # without `exclude`, repeats do occur
+    held = relation_corpus(cfg, rng, 300, "shuffled", LEFT_RIGHT, exclude=train_ds)
+    assert len(held) == 300 and not pairs(held) & pairs(train_ds)

@@ -94,9 +94,18 @@ def ordered_description(
 
 
 def relation_corpus(
-    cfg: WorldConfig, rng: np.random.Generator, n: int, order: str, relations: Sequence[str]
+    cfg: WorldConfig,
+    rng: np.random.Generator,
+    n: int,
+    order: str,
+    relations: Sequence[str],
+    exclude: Dataset | None = None,
 ) -> Dataset:
-    """`n` scenes, each a description and one relation question, in the corpus layout."""
+    """`n` scenes, each a description and one relation question, in the corpus layout; none
+    with the same description and question as a row of `exclude` (held-out sets)."""
+    seen = set()
+    if exclude is not None:
+        seen = {(d, q[0]) for d, q in zip(exclude["description"], exclude["questions"], strict=True)}
     keys = ("description", "questions", "answers", "families", "relation")
     cols: dict[str, list] = {k: [] for k in keys}
     while len(cols["description"]) < n:
@@ -104,7 +113,10 @@ def relation_corpus(
         qa = relation_question(scene, rng, cfg, relations)
         if qa is None:
             continue
-        cols["description"].append(ordered_description(scene, qa, cfg, rng, order))
+        description = ordered_description(scene, qa, cfg, rng, order)
+        if (description, qa.question) in seen:
+            continue
+        cols["description"].append(description)
         cols["questions"].append([qa.question])
         cols["answers"].append([qa.answer])
         cols["families"].append([qa.family])
@@ -139,7 +151,7 @@ def run_probe(
     cfg = probe_world(scene_cfg, relations)
     rng = np.random.default_rng(seed)
     train_ds = relation_corpus(cfg, rng, n_train, order, relations)
-    eval_ds = relation_corpus(cfg, rng, n_eval, order, relations)
+    eval_ds = relation_corpus(cfg, rng, n_eval, order, relations, exclude=train_ds)
     descriptions = list(eval_ds["description"])
     questions = [qs[0] for qs in eval_ds["questions"]]
     answers = [a[0] for a in eval_ds["answers"]]
