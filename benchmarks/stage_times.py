@@ -31,18 +31,22 @@ def main() -> None:
 
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     if args.configfile:
+        # only `run` is read here, so a shallow merge is enough
         cfg.update(yaml.safe_load(Path(args.configfile).read_text()) or {})
     run = args.run or cfg.get("run", "default")
     cmd = [sys.executable, "-m", "snakemake", "--cores", args.cores, "-s", str(ROOT / "Snakefile"),
            "--directory", str(ROOT), "--forceall", args.target, "--config", f"run={run}"]
     if args.configfile:
         cmd[3:3] = ["--configfile", args.configfile]
+    started = time.time()
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     total = time.perf_counter() - t0
 
     rows = []
     for tsv in sorted((ROOT / "results" / run / "benchmarks").glob("*.tsv")):
+        if tsv.stat().st_mtime < started:
+            continue  # a job outside this target, left from an earlier run
         b = pd.read_csv(tsv, sep="\t").iloc[-1]
         rows.append({"job": tsv.stem, "wall_s": float(b["s"]), "max_rss_mb": float(b["max_rss"])})
     table = pd.DataFrame(rows)
