@@ -3,8 +3,11 @@ import pytest
 import torch
 from vlmdiff.models import build_lm
 from vlmdiff.probe import (
+    PARTS,
+    answer_parts,
     main,
     ordered_description,
+    parts_agreement,
     probe_world,
     relation_accuracy,
     relation_corpus,
@@ -142,3 +145,35 @@ def test_held_out_scenes_repeat_no_training_scene():
     assert pairs(fresh) & pairs(train_ds)  # without `exclude`, repeats do occur
     held = relation_corpus(cfg, rng, 300, "shuffled", LEFT_RIGHT, exclude=train_ds)
     assert len(held) == 300 and not pairs(held) & pairs(train_ds)
+
+
+def test_answer_is_the_parity_of_its_parts_and_no_smaller_set_predicts_it():
+    parts = answer_parts({}, 1500, ["left of", "right of", "above", "below"], seed=1)
+    assert len(parts) == 1500 and set(parts.relation) == {"left of", "right of", "above", "below"}
+    off = parts[~parts.tie]
+    parity = off.subject_first ^ off.first_lower ^ off.asks_lower
+    assert (parity == off.yes).all() or (parity != off.yes).all()
+    table = parts_agreement(parts).set_index("parts").agreement
+    assert table[" ^ ".join(PARTS)] == 1.0
+    smaller = table.drop(" ^ ".join(PARTS))
+    assert len(smaller) == 6 and smaller.max() < 0.56  # chance, up to sampling noise
+
+
+def test_question_order_puts_the_subject_first_and_leaves_a_two_part_parity():
+    parts = answer_parts({}, 300, LEFT_RIGHT, order="question", seed=2)
+    assert parts.subject_first.all()
+    table = parts_agreement(parts).set_index("parts").agreement
+    assert table["first_lower ^ asks_lower"] == 1.0
+
+
+def test_answer_parts_reject_relations_without_an_axis():
+    with pytest.raises(ValueError, match="next to"):
+        answer_parts({}, 10, ["left of", "next to"])
+
+
+def test_cli_parts_trains_nothing_and_writes_the_table(tmp_path):
+    out = tmp_path / "parts.csv"
+    table = main(["--parts", "60", "--order", "both", "--relations", "above", "below",
+                  "--out", str(out)])
+    assert out.is_file() and len(table) == 2 * 7  # two orders x seven sets of parts
+    assert set(table.order) == {"shuffled", "question"}

@@ -14,12 +14,19 @@ every log step. The gap between the two orders is the cost of binding.
 
     python -m vlmdiff.probe                       # both orders, the default LM's shape
     python -m vlmdiff.probe --order question --steps 500 --layers 2
+    python -m vlmdiff.probe --parts 20000         # why binding has no first step (no training)
+
+`--parts` trains nothing: on two-object scenes it splits each left/right/above/below question
+into three binary parts whose parity is the answer (is the subject described first, has the
+first-described object the lower cell on the relation's axis, does the relation ask for the
+lower cell) and reports how often each part, and each parity of parts, agrees with the answer.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Mapping, Sequence
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +48,17 @@ from vlmdiff.world import (
     Scene,
     WorldConfig,
     describe,
+    grid_cell,
     make_question,
     sample_scene,
 )
 
 ORDERS: tuple[str, ...] = ("shuffled", "question")
+# relation -> (axis, whether it asks for the lower grid cell: left of / above)
+AXIS_RELATIONS: dict[str, tuple[str, bool]] = {
+    "left of": ("x", True), "right of": ("x", False), "above": ("y", True), "below": ("y", False),
+}
+PARTS: tuple[str, ...] = ("subject_first", "first_lower", "asks_lower")
 Log = Callable[[str], Any]
 _TRIES = 200
 
@@ -191,6 +204,53 @@ def run_probe(
     return pd.DataFrame(rows)
 
 
+def answer_parts(
+    scene_cfg: Mapping[str, Any],
+    n: int,
+    relations: Sequence[str] = ("left of", "right of"),
+    order: str = "shuffled",
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Questions about two-object scenes split into `PARTS` (booleans), with `tie` (both
+    objects in one grid cell on the axis, where the answer follows exact coordinates) and `yes`.
+    Off ties the answer is the parity of the three parts."""
+    unknown = sorted(set(relations) - set(AXIS_RELATIONS))
+    if not relations or unknown:
+        raise ValueError(f"answer parts need relations from {list(AXIS_RELATIONS)}, got {unknown}")
+    cfg = probe_world(dict(scene_cfg, min_objects=2, max_objects=2), relations)
+    rng = np.random.default_rng(seed)
+    rows = []
+    while len(rows) < n:
+        scene = sample_scene(rng, cfg)
+        qa = relation_question(scene, rng, cfg, relations)
+        if qa is None:
+            continue
+        words = ordered_description(scene, qa, cfg, rng, order).split()
+        first = next(o for o in scene.objects if (o.colour, o.shape) == (words[1], words[2]))
+        second = next(o for o in scene.objects if o is not first)
+        axis, asks_lower = AXIS_RELATIONS[qa.relation]
+        c1, c2 = (grid_cell(getattr(o, axis), scene.image_size, cfg.text_grid)
+                  for o in (first, second))
+        rows.append({"relation": qa.relation, "subject_first": qa.subj == first.name,
+                     "first_lower": c1 < c2, "asks_lower": asks_lower, "tie": c1 == c2,
+                     "yes": qa.answer == "yes"})
+    return pd.DataFrame(rows)
+
+
+def parts_agreement(parts: pd.DataFrame) -> pd.DataFrame:
+    """For each non-empty set of `PARTS`: how often their parity, or its negation, agrees with
+    the answer off ties (0.5: the set alone says nothing about the answer)."""
+    df = parts[~parts.tie]
+    rows = []
+    for k in range(1, len(PARTS) + 1):
+        for combo in combinations(PARTS, k):
+            parity = np.logical_xor.reduce(df[list(combo)].to_numpy(bool), axis=1)
+            agree = float((parity == df.yes.to_numpy(bool)).mean())
+            rows.append({"parts": " ^ ".join(combo), "agreement": max(agree, 1 - agree),
+                         "n": len(df)})
+    return pd.DataFrame(rows)
+
+
 def _merged_config(configfile: str | None) -> dict[str, Any]:
     root = Path(__file__).resolve().parents[2]
     cfg = yaml.safe_load((root / "config.yaml").read_text())
@@ -219,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--parts", type=int, metavar="N",
+                    help="train nothing: the answer-parts table on N two-object questions "
+                         "(relations: left of, right of, above, below)")
     ap.add_argument("--out", default="results/probe/relation_probe.csv")
     args = ap.parse_args(argv)
     if args.threads:
@@ -230,6 +293,17 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     scene = dict(cfg["world"]["scene"])
     if args.max_objects:
         scene["max_objects"] = args.max_objects
+    if args.parts:
+        rels = [r for r in args.relations if r in AXIS_RELATIONS] or list(AXIS_RELATIONS)
+        orders = ORDERS if args.order == "both" else (args.order,)
+        table = pd.concat(
+            [parts_agreement(answer_parts(scene, args.parts, rels, o, args.seed)).assign(order=o)
+             for o in orders],
+            ignore_index=True,
+        )
+        print(table.to_string(index=False))
+        print(f"wrote {write_table(table, args.out)}")
+        return table
     orders = ORDERS if args.order == "both" else (args.order,)
     tables = [
         run_probe(scene, lm, order, args.relations, args.train_scenes,
