@@ -105,6 +105,7 @@ rule splice_baseline:
     params:
         samples=config["sae"]["splice"]["samples"],
         batch_size=config["sae"]["splice"]["batch_size"],
+        targets=config["sae"]["splice"]["targets"],
         layers=LAYERS,
         seed=config["seed"],
         device=config["device"],
@@ -135,6 +136,7 @@ rule splice_eval:
     params:
         samples=config["sae"]["splice"]["samples"],
         batch_size=config["sae"]["splice"]["batch_size"],
+        targets=config["sae"]["splice"]["targets"],
         layers=LAYERS,
         seed=config["seed"],
         device=config["device"],

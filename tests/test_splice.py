@@ -7,7 +7,9 @@ from PIL import Image
 from vlmdiff.models import build_lm, build_vlm, make_processor
 from vlmdiff.sae import TopKSAE
 from vlmdiff.splice import (
+    answer_lengths,
     encode_eval_batch,
+    loss_recovered,
     regime_span,
     replace_layer_output,
     splice_metrics,
@@ -69,13 +71,18 @@ def test_perfect_and_zero_saes(vlm):
     model, proc, ds = vlm
     d = model.config.text_config.hidden_size
     span = regime_span("full", model.config.image_token_id)
-    table = splice_metrics(model, proc, ds, {0: identity_sae(d)}, span, torch.device("cpu"), 2,
-                           log=lambda m: None)
-    row = table.iloc[0]
-    assert row["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
-    assert row["kl"] == pytest.approx(0.0, abs=1e-5)
+    for targets in ("text", "answer"):
+        table = splice_metrics(model, proc, ds, {0: identity_sae(d)}, span, torch.device("cpu"),
+                               2, log=lambda m: None, targets=targets)
+        row = table.iloc[0]
+        assert row["ce_spliced"] == pytest.approx(row["ce_clean"], rel=1e-5)
+        assert row["kl"] == pytest.approx(0.0, abs=1e-5)
+        expected = loss_recovered(row["ce_zero_ablation"], row["ce_spliced"], row["ce_clean"])
+        # 1, or empty where this untrained model is no better than zero ablation
+        assert row["ce_loss_recovered"] == pytest.approx(expected, nan_ok=True)
+        assert np.isnan(expected) or expected == pytest.approx(1.0, abs=1e-4)
     table = splice_metrics(model, proc, ds, {1: zero_sae(d)}, span, torch.device("cpu"), 3,
-                           log=lambda m: None)
+                           log=lambda m: None, targets="text")
     # a zero reconstruction is zero ablation everywhere but BOS: recompute that directly
     batch = encode_eval_batch(proc, ds[:3])
     keep_bos = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
@@ -114,3 +121,34 @@ def test_shared_baseline_gives_the_same_table(vlm):
     other = baseline.assign(ce_clean=baseline.ce_clean + 0.5)
     with pytest.raises(ValueError, match="other samples"):
         splice_metrics(model, proc, ds, saes, span, cpu, 2, log=quiet, baseline=other)
+
+
+def test_answer_targets_score_only_the_answer_and_its_end(vlm):
+    model, proc, ds = vlm
+    d = model.config.text_config.hidden_size
+    assert answer_lengths(proc, ds[:3]) == [2, 2, 2]  # "yes"/"no" and EOS
+    span = regime_span("full", model.config.image_token_id)
+    table = splice_metrics(model, proc, ds, {1: zero_sae(d)}, span, torch.device("cpu"), 2,
+                           log=lambda m: None)  # targets="answer" is the default
+    assert table.iloc[0]["n_tokens"] == 6
+    batch = encode_eval_batch(proc, ds[:3])
+    keep_bos = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    keep_bos[:, 0] = True
+    with torch.no_grad(), replace_layer_output(model, 1, lambda h: h * keep_bos[..., None]):
+        logits = model(**batch).logits[:, :-1]
+    ids, lengths = batch["input_ids"], batch["attention_mask"].sum(1)
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    # the answer word and EOS are the last two real tokens, predicted from the two before them
+    picked = torch.stack([ce[i, int(n) - 3 : int(n) - 1] for i, n in enumerate(lengths)])
+    assert ids[0, int(lengths[0]) - 1] == proc.tokenizer.eos_token_id
+    assert table.iloc[0]["ce_spliced"] == pytest.approx(float(picked.mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="sae.splice.targets"):
+        splice_metrics(model, proc, ds, {1: zero_sae(d)}, span, torch.device("cpu"), 2,
+                       log=lambda m: None, targets="answers")
+
+
+def test_loss_recovered_is_empty_when_zero_ablation_does_not_hurt():
+    assert loss_recovered(4.0, 2.0, 1.0) == pytest.approx(2 / 3)
+    assert loss_recovered(4.0, 1.0, 1.0) == 1.0
+    assert np.isnan(loss_recovered(4.5, 14.6, 14.5))  # the toy's question tokens, before the fix
+    assert np.isnan(loss_recovered(3.0, 2.0, 3.0))

@@ -13,6 +13,7 @@ table = splice_baseline_job(
     batch_size=p.batch_size,
     seed=p.seed,
     device=p.device,
+    targets=p.targets,
     log=job_logger(snakemake.log[0]),
 )
 write_table(table, snakemake.output.table)

@@ -14,6 +14,7 @@ table = splice_job(
     batch_size=p.batch_size,
     seed=p.seed,
     device=p.device,
+    targets=p.targets,
     baseline_path=snakemake.input.baseline,
     log=job_logger(snakemake.log[0]),
 )

@@ -2,8 +2,11 @@
 
 Reported as SAELens does: CE loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean), where
 CE_zero zero-ablates the layer's output, and the KL divergence from the clean next-token
-distribution. Loss and KL are taken at positions whose target is a text token (the question and
-answer of a held-out VQA prompt), so image positions never count as predictions.
+distribution, on held-out VQA prompts with their answers. Loss and KL are taken where the
+model predicts the answer and its end (`targets="answer"`, the tokens a LLaVA-style VLM is
+trained on) or every text token of prompt and answer (`"text"`); image positions never count.
+A VLM trained on answers only need not predict its questions' words at all: the toy default's
+clean CE on them is above that of a uniform guess, which makes "loss recovered" meaningless.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from vlmdiff.sae import TopKSAE
 from vlmdiff.training import prompt_texts
 
 Replace = Callable[[torch.Tensor], torch.Tensor]
+TARGETS: tuple[str, ...] = ("answer", "text")
 
 
 @contextmanager
@@ -51,26 +55,58 @@ def sae_replacement(sae: TopKSAE, span: torch.Tensor | None) -> Replace:
     return fn
 
 
+def _eval_texts(tok, rows: Mapping[str, list]) -> tuple[list[str], list[str]]:
+    prompts = prompt_texts(tok, rows["question"], with_image=True)
+    answers = [" " + a + " " + tok.eos_token for a in rows["multiple_choice_answer"]]
+    return prompts, answers
+
+
 def encode_eval_batch(processor, rows: Mapping[str, list]) -> dict[str, torch.Tensor]:
     """Prompt + answer + EOS for each row, teacher-forced; right padded."""
     tok = processor.tokenizer
-    texts = [
-        p + " " + a + " " + tok.eos_token
-        for p, a in zip(
-            prompt_texts(tok, rows["question"], with_image=True),
-            rows["multiple_choice_answer"],
-            strict=True,
-        )
-    ]
+    prompts, answers = _eval_texts(tok, rows)
     tok.padding_side = "right"
+    texts = [p + a for p, a in zip(prompts, answers, strict=True)]
     return dict(processor(text=texts, images=rows["image"], return_tensors="pt", padding=True))
 
 
-def _targets(batch: Mapping[str, torch.Tensor], image_token_id: int) -> torch.Tensor:
-    """Mask [batch, seq-1]: position t counts when token t+1 is a real, non-image token."""
+def answer_lengths(processor, rows: Mapping[str, list]) -> list[int]:
+    """Tokens of each row's answer and EOS: the full text's tokens after the longest prefix it
+    shares with its prompt's (a token merged across the boundary counts as answer). The image
+    placeholder expands alike in both, so text-only tokenization counts the same."""
+    tok = processor.tokenizer
+    prompts, answers = _eval_texts(tok, rows)
+    out = []
+    for p, a in zip(prompts, answers, strict=True):
+        full = tok(p + a, add_special_tokens=False).input_ids
+        prompt = tok(p, add_special_tokens=False).input_ids
+        shared = next((i for i, (x, y) in enumerate(zip(full, prompt, strict=False))
+                       if x != y),
+                      min(len(full), len(prompt)))
+        out.append(len(full) - shared)
+    return out
+
+
+def _targets(
+    batch: Mapping[str, torch.Tensor], image_token_id: int, answer_len: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Mask [batch, seq-1]: position t counts when token t+1 is a real, non-image token, and
+    with `answer_len` (per row) one of the row's last `answer_len` real tokens."""
     ids, attn = batch["input_ids"], batch["attention_mask"].bool()
-    nxt = ids[:, 1:]
-    return attn[:, 1:] & (nxt != image_token_id)
+    mask = attn[:, 1:] & (ids[:, 1:] != image_token_id)
+    if answer_len is None:
+        return mask
+    length = attn.sum(1, keepdim=True)  # right padded: real tokens are [0, length)
+    first = length - torch.as_tensor(list(answer_len), device=ids.device)[:, None]
+    nxt = torch.arange(1, ids.shape[1], device=ids.device)[None, :]
+    return mask & (nxt >= first)
+
+
+def loss_recovered(ce_zero: float, ce_spliced: float, ce_clean: float) -> float:
+    """(CE_zero - CE_spliced) / (CE_zero - CE_clean); NaN when zero ablation is no worse than
+    the clean model, where the ratio measures nothing."""
+    gap = ce_zero - ce_clean
+    return (ce_zero - ce_spliced) / gap if gap > 0 else float("nan")
 
 
 @torch.no_grad()
@@ -83,17 +119,21 @@ def _loss_sums(
     batch_size: int,
     log: Callable[[str], None],
     what: str,
+    targets: str = "answer",
 ) -> tuple[dict[tuple[int, str], float], int]:
     """Summed CE of the clean run (key (-1, "clean")) and of each run `runs(batch)` names as
     (layer, kind) -> replacement of that layer's output, plus KL(clean || run) as (layer,
-    kind + "_kl"), over the target positions of every batch; and the number of those."""
+    kind + "_kl"), over the `targets` positions of every batch; and the number of those."""
+    if targets not in TARGETS:
+        raise ValueError(f"sae.splice.targets must be one of {list(TARGETS)}, got {targets!r}")
     image_id = model.config.image_token_id
     sums: dict[tuple[int, str], float] = {}
     n_tokens = 0
     for start in range(0, len(ds), batch_size):
         rows = ds[start : start + batch_size]
         batch = {k: v.to(device) for k, v in encode_eval_batch(processor, rows).items()}
-        mask = _targets(batch, image_id)
+        lengths = answer_lengths(processor, rows) if targets == "answer" else None
+        mask = _targets(batch, image_id, lengths)
         labels = batch["input_ids"][:, 1:]
         n_tokens += int(mask.sum())
         clean = model(**batch).logits[:, :-1].float()
@@ -117,12 +157,13 @@ def zero_ablation_metrics(
     device: torch.device,
     batch_size: int = 32,
     log: Callable[[str], None] = print,
+    targets: str = "answer",
 ) -> pd.DataFrame:
     """Per layer: CE clean and with the layer's output zero-ablated, the two ends of CE loss
     recovered. They do not depend on the SAE, so one table serves every regime."""
     sums, n_tokens = _loss_sums(
         model, processor, ds, lambda batch: {(layer, "zero"): torch.zeros_like for layer in layers},
-        device, batch_size, log, "splice baseline",
+        device, batch_size, log, "splice baseline", targets,
     )
     return pd.DataFrame(
         [
@@ -143,6 +184,7 @@ def splice_metrics(
     batch_size: int = 32,
     log: Callable[[str], None] = print,
     baseline: pd.DataFrame | None = None,
+    targets: str = "answer",
 ) -> pd.DataFrame:
     """Per layer: CE clean / zero-ablated / spliced, CE loss recovered, and KL(clean || spliced).
 
@@ -160,7 +202,9 @@ def splice_metrics(
             out[(layer, "sae")] = sae_replacement(sae, span)
         return out
 
-    sums, n_tokens = _loss_sums(model, processor, ds, runs, device, batch_size, log, "splice eval")
+    sums, n_tokens = _loss_sums(
+        model, processor, ds, runs, device, batch_size, log, "splice eval", targets
+    )
     ce_clean = sums[(-1, "clean")] / n_tokens
     if baseline is None:
         ce_zero = {layer: sums[(layer, "zero")] / n_tokens for layer in saes}
@@ -175,12 +219,16 @@ def splice_metrics(
                 "ce_clean": ce_clean,
                 "ce_zero_ablation": ce_zero[layer],
                 "ce_spliced": ce_sae,
-                "ce_loss_recovered": (ce_zero[layer] - ce_sae) / (ce_zero[layer] - ce_clean),
+                "ce_loss_recovered": loss_recovered(ce_zero[layer], ce_sae, ce_clean),
                 "kl": sums[(layer, "sae_kl")] / n_tokens,
                 "n_tokens": n_tokens,
             }
         )
-    return pd.DataFrame(rows_out)
+    table = pd.DataFrame(rows_out)
+    if table["ce_loss_recovered"].isna().any():
+        log(f"splice eval: zero ablation is no worse than the clean model ({targets} targets: "
+            f"clean CE {ce_clean:.3f}); CE loss recovered is left empty, see ce_spliced and kl")
+    return table
 
 
 def _baseline_zero(
@@ -253,11 +301,12 @@ def splice_baseline_job(
     batch_size: int,
     seed: int,
     device: str,
+    targets: str = "answer",
     log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
     """`zero_ablation_metrics` on the splice sample of `val`, once for all regimes."""
     model, processor, val, dev = _load_eval(vlm_dir, val_path, samples, seed, device)
-    return zero_ablation_metrics(model, processor, val, layers, dev, batch_size, log)
+    return zero_ablation_metrics(model, processor, val, layers, dev, batch_size, log, targets)
 
 
 def splice_job(
@@ -271,6 +320,7 @@ def splice_job(
     seed: int,
     device: str,
     baseline_path: str | None = None,
+    targets: str = "answer",
     log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
     """Load the VLM, a held-out sample of `val` and the regime's SAEs; return splice metrics
@@ -280,6 +330,6 @@ def splice_job(
     baseline = None if baseline_path is None else pd.read_csv(baseline_path)
     table = splice_metrics(
         model, processor, val, saes, regime_span(regime, model.config.image_token_id), dev,
-        batch_size, log, baseline,
+        batch_size, log, baseline, targets,
     )
     return table.assign(regime=regime)
