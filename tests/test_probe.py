@@ -99,13 +99,13 @@ def test_probe_learns_comparison_when_no_binding_is_needed(tiny_config):
               num_kv_heads=2, init_std=0.1)
     lm["train"] = {"steps": 400, "batch_size": 64, "lr": 3e-3, "warmup_steps": 30,
                    "log_every": 200}
-    table = run_probe({"max_objects": 2}, lm, "question", LEFT_RIGHT, n_train=8000, n_eval=300,
+    table = run_probe({"max_objects": 2}, lm, "question", LEFT_RIGHT, n_train=3000, n_eval=300,
                       seed=0, log=lambda m: None)
     assert list(table.columns) == ["order", "step", "loss", "relation", "accuracy", "n"]
     assert set(table.relation) == {*LEFT_RIGHT, "all"}
     final = table[(table.step == 400) & (table.relation == "all")]
     assert final.n.item() == 300
-    # 0.89 and 0.94 with seeds 0 and 1 (chance 0.5; the same steps in shuffled order: 0.48)
+    # 0.99, 0.94, 0.97, 0.89 with seeds 0-3 (chance 0.5; 8,000 scenes in shuffled order: 0.48)
     assert final.accuracy.item() > 0.8
 
 
