@@ -294,11 +294,17 @@ def test_gguf_is_converted_once_then_read_from_the_cache(fake_gguf):
 
 def test_a_changed_or_broken_gguf_copy_is_converted_again(fake_gguf):
     import os
+    import shutil
 
     gguf, calls = fake_gguf
     load_gguf_chat_model(gguf)
     first = gguf_cache_dir(gguf)
-    os.utime(gguf, ns=(1, 1))  # the file changed: a new copy under another name
+    copy = gguf.parent / "elsewhere" / gguf.name  # the same file reinstalled: the same copy
+    copy.parent.mkdir()
+    shutil.copy(gguf, copy)
+    os.utime(copy, ns=(1, 1))
+    assert gguf_cache_dir(copy) == first
+    gguf.write_bytes(b"GGUF, another model")  # the file changed: a new copy under another name
     assert gguf_cache_dir(gguf) != first
     load_gguf_chat_model(gguf)
     assert len(calls) == 2
