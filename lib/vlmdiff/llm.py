@@ -215,6 +215,7 @@ def gguf_cache_dir(gguf: Path) -> Path:
 
 
 def _from_pretrained(path: Path, gguf_file: str | None = None) -> tuple[Any, Any]:
+    """(tokenizer, fp32 causal LM) from a model folder, or from `gguf_file` inside it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -274,16 +275,11 @@ class LocalBackend:
     concurrency = 1
 
     def __init__(self, model: str | None, *, max_new_tokens: int, device: str = "cpu") -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         folder, gguf = local_model_source(model)
         self.model = f"{folder.name}/{gguf}" if gguf else str(folder)
-        if gguf:
-            self.tokenizer, self.lm = load_gguf_chat_model(folder / gguf)
-        else:
-            self.tokenizer = AutoTokenizer.from_pretrained(folder)
-            self.lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        self.tokenizer, self.lm = (
+            load_gguf_chat_model(folder / gguf) if gguf else _from_pretrained(folder)
+        )
         self.lm.to(device).eval()
         self.device, self.max_new_tokens = device, max_new_tokens
         self._lock = threading.Lock()

@@ -293,28 +293,24 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     scene = dict(cfg["world"]["scene"])
     if args.max_objects:
         scene["max_objects"] = args.max_objects
+    orders = ORDERS if args.order == "both" else (args.order,)
     if args.parts:
         rels = [r for r in args.relations if r in AXIS_RELATIONS] or list(AXIS_RELATIONS)
-        orders = ORDERS if args.order == "both" else (args.order,)
         table = pd.concat(
             [parts_agreement(answer_parts(scene, args.parts, rels, o, args.seed)).assign(order=o)
              for o in orders],
             ignore_index=True,
         )
         print(table.to_string(index=False))
-        print(f"wrote {write_table(table, args.out)}")
-        return table
-    orders = ORDERS if args.order == "both" else (args.order,)
-    tables = [
-        run_probe(scene, lm, order, args.relations, args.train_scenes,
-                  args.eval_scenes, args.seed, resolve_device(args.device))
-        for order in orders
-    ]
-    table = pd.concat(tables, ignore_index=True)
-    out = write_table(table, args.out)
-    wide = table.pivot_table(index=["order", "step"], columns="relation", values="accuracy")
-    print(wide.round(3).to_string())
-    print(f"wrote {out}")
+    else:
+        table = pd.concat(
+            [run_probe(scene, lm, order, args.relations, args.train_scenes, args.eval_scenes,
+                       args.seed, resolve_device(args.device)) for order in orders],
+            ignore_index=True,
+        )
+        wide = table.pivot_table(index=["order", "step"], columns="relation", values="accuracy")
+        print(wide.round(3).to_string())
+    print(f"wrote {write_table(table, args.out)}")
     return table
 
 
