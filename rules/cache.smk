@@ -5,6 +5,21 @@ rule cache_activations:
         split=cache_split_file,
     output:
         store=directory(f"{R}/cache/{{model}}/{{split}}/shard{{shard}}.zarr"),
+    log:
+        f"{LOGS}/cache/{{model}}_{{split}}_shard{{shard}}.log",
+    benchmark:
+        f"{BENCH}/cache/{{model}}_{{split}}_shard{{shard}}.tsv"
+    wildcard_constraints:
+        model="lm|vlm",
+        split="|".join(CACHE_SPLITS),
+        shard=r"\d+",
+    conda:
+        ENV
+    threads: 4
+    resources:
+        mem_mb=6000,
+        runtime=120,
+        gpu=1,
     params:
         mode=cache_mode,
         text_source=cache_text_source,
@@ -14,20 +29,5 @@ rule cache_activations:
         max_len=config["lm"]["max_len"],
         seed=config["seed"],
         device=config["device"],
-    wildcard_constraints:
-        model="lm|vlm",
-        split="|".join(CACHE_SPLITS),
-        shard=r"\d+",
-    log:
-        f"{LOGS}/cache/{{model}}_{{split}}_shard{{shard}}.log",
-    benchmark:
-        f"{BENCH}/cache/{{model}}_{{split}}_shard{{shard}}.tsv"
-    threads: 4
-    resources:
-        mem_mb=6000,
-        runtime=120,
-        gpu=1,
-    conda:
-        ENV
     script:
         "../workflow_scripts/cache_activations.py"

@@ -12,22 +12,22 @@ rule mean_image_embedding:
         split=world_file("train"),
     output:
         mean=f"{R}/causal/mean_image_embedding.nc",
-    params:
-        samples=CAUSAL["attribution"]["mean_samples"],
-        batch_size=CAUSAL["attribution"]["batch_size"],
-        seed=config["seed"],
-        device=config["device"],
     log:
         f"{LOGS}/causal/mean_image_embedding.log",
     benchmark:
         f"{BENCH}/causal/mean_image_embedding.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=3000,
         runtime=20,
         gpu=1,
-    conda:
-        ENV
+    params:
+        samples=CAUSAL["attribution"]["mean_samples"],
+        batch_size=CAUSAL["attribution"]["batch_size"],
+        seed=config["seed"],
+        device=config["device"],
     script:
         "../workflow_scripts/mean_image_embedding.py"
 
@@ -45,23 +45,23 @@ rule attribution:
     output:
         scores=f"{R}/causal/attribution.nc",
         check=f"{R}/tables/attribution_vs_patching.csv",
+    log:
+        f"{LOGS}/causal/attribution.log",
+    benchmark:
+        f"{BENCH}/causal/attribution.tsv"
+    conda:
+        ENV
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=1,
     params:
         layers=LAYERS,
         contrast=CAUSAL["contrast"],
         max_features=CAUSAL["max_features"],
         attribution=CAUSAL["attribution"],
         device=config["device"],
-    log:
-        f"{LOGS}/causal/attribution.log",
-    benchmark:
-        f"{BENCH}/causal/attribution.tsv"
-    threads: 2
-    resources:
-        mem_mb=4000,
-        runtime=60,
-        gpu=1,
-    conda:
-        ENV
     script:
         "../workflow_scripts/attribution.py"
 
@@ -71,21 +71,21 @@ rule attribution_figures:
     input:
         scores=f"{R}/causal/attribution.nc",
     output:
-        heads=f"{R}/tables/attribution_top_heads.csv",
         **figure_outputs(CAUSAL_FIGURES),
-    params:
-        variant=CAUSAL["attribution"]["variant"],
-        n_heads=CAUSAL["overlays"]["n_heads"],
+        heads=f"{R}/tables/attribution_top_heads.csv",
     log:
         f"{LOGS}/causal/attribution_figures.log",
     benchmark:
         f"{BENCH}/causal/attribution_figures.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        ENV
+    params:
+        variant=CAUSAL["attribution"]["variant"],
+        n_heads=CAUSAL["overlays"]["n_heads"],
     script:
         "../workflow_scripts/attribution_figures.py"
 
@@ -100,6 +100,17 @@ rule vsr_activations:
         saes=FEATURE_SAES,
     output:
         acts=f"{R}/causal/vsr_activations.nc",
+    log:
+        f"{LOGS}/causal/vsr_activations.log",
+    benchmark:
+        f"{BENCH}/causal/vsr_activations.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=30,
+        gpu=1,
     params:
         layers=LAYERS,
         contrast=CAUSAL["contrast"],
@@ -107,17 +118,6 @@ rule vsr_activations:
         template=vsr_template,
         batch_size=CAUSAL["ablation"]["batch_size"],
         device=config["device"],
-    log:
-        f"{LOGS}/causal/vsr_activations.log",
-    benchmark:
-        f"{BENCH}/causal/vsr_activations.tsv"
-    threads: 1
-    resources:
-        mem_mb=3000,
-        runtime=30,
-        gpu=1,
-    conda:
-        ENV
     script:
         "../workflow_scripts/vsr_activations.py"
 
@@ -134,6 +134,17 @@ rule attention_overlays:
         acts=f"{R}/causal/vsr_activations.nc",
     output:
         **figure_outputs(OVERLAY_FIGURES),
+    log:
+        f"{LOGS}/causal/attention_overlays.log",
+    benchmark:
+        f"{BENCH}/causal/attention_overlays.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=20,
+        gpu=1,
     params:
         variant=CAUSAL["attribution"]["variant"],
         overlays=CAUSAL["overlays"],
@@ -141,17 +152,6 @@ rule attention_overlays:
         min_relation_share=CAUSAL["ablation"]["min_relation_share"],
         template=vsr_template,
         device=config["device"],
-    log:
-        f"{LOGS}/causal/attention_overlays.log",
-    benchmark:
-        f"{BENCH}/causal/attention_overlays.tsv"
-    threads: 1
-    resources:
-        mem_mb=3000,
-        runtime=20,
-        gpu=1,
-    conda:
-        ENV
     script:
         "../workflow_scripts/attention_overlays.py"
 
@@ -168,8 +168,19 @@ rule ablation:
         saes=FEATURE_SAES,
         acts=f"{R}/causal/vsr_activations.nc",
     output:
-        runs=f"{R}/tables/ablation_runs.csv",
         **ABLATION_TABLES,
+        runs=f"{R}/tables/ablation_runs.csv",
+    log:
+        f"{LOGS}/causal/ablation.log",
+    benchmark:
+        f"{BENCH}/causal/ablation.tsv"
+    conda:
+        ENV
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=1,
     params:
         layers=LAYERS,
         contrast=CAUSAL["contrast"],
@@ -177,17 +188,6 @@ rule ablation:
         template=vsr_template,
         ablation=CAUSAL["ablation"],
         device=config["device"],
-    log:
-        f"{LOGS}/causal/ablation.log",
-    benchmark:
-        f"{BENCH}/causal/ablation.tsv"
-    threads: 2
-    resources:
-        mem_mb=4000,
-        runtime=60,
-        gpu=1,
-    conda:
-        ENV
     script:
         "../workflow_scripts/ablation.py"
 
@@ -204,8 +204,19 @@ rule steering:
         saes=FEATURE_SAES,
         acts=f"{R}/causal/vsr_activations.nc",
     output:
-        table=f"{R}/tables/steering.csv",
         **figure_outputs(STEERING_FIGURES),
+        table=f"{R}/tables/steering.csv",
+    log:
+        f"{LOGS}/causal/steering.log",
+    benchmark:
+        f"{BENCH}/causal/steering.tsv"
+    conda:
+        ENV
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=1,
     params:
         layers=LAYERS,
         contrast=CAUSAL["contrast"],
@@ -215,16 +226,5 @@ rule steering:
         steering=CAUSAL["steering"],
         seed=config["seed"],
         device=config["device"],
-    log:
-        f"{LOGS}/causal/steering.log",
-    benchmark:
-        f"{BENCH}/causal/steering.tsv"
-    threads: 2
-    resources:
-        mem_mb=4000,
-        runtime=60,
-        gpu=1,
-    conda:
-        ENV
     script:
         "../workflow_scripts/steering.py"

@@ -133,14 +133,21 @@ def report_output(path, kind="figure"):
     from vlmdiff.report import section_of
 
     stem = Path(path).stem
-    return report(path, caption=f"{workflow.basedir}/report/{stem}.rst",
-                  category=section_of(stem, kind).title)
+    return report(
+        path, caption=f"{workflow.basedir}/report/{stem}.rst", category=section_of(stem, kind).title
+    )
 
 
 def feature_targets():
-    tables = ["features.parquet", "features.csv", "selected_features.csv",
-              "selected_features.parquet", "feature_sets.csv", "threshold_sweep.csv",
-              *(["ground_truth.csv", "ground_truth_summary.csv"] if SHAPES_WORLD else [])]
+    tables = [
+        "features.parquet",
+        "features.csv",
+        "selected_features.csv",
+        "selected_features.parquet",
+        "feature_sets.csv",
+        "threshold_sweep.csv",
+        *(["ground_truth.csv", "ground_truth_summary.csv"] if SHAPES_WORLD else []),
+    ]
     return [f"{R}/tables/{t}" for t in tables] + list(figure_outputs(FEATURE_FIGURES).values())
 
 

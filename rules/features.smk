@@ -7,28 +7,28 @@ rule feature_stats:
     """Stream D_base, D_sp and D_ocr caches of one layer through its adapted SAE: firing
     counts, squared activations and top-activating samples per feature. No thresholds."""
     input:
-        sae=f"{R}/sae/{FEATURE_REGIME}/layer_{{layer}}",
         **{split: cache_stores("vlm", split) for split in FEATURE_SPLITS},
+        sae=f"{R}/sae/{FEATURE_REGIME}/layer_{{layer}}",
     output:
         stats=f"{R}/features/stats/layer_{{layer}}.nc",
-    params:
-        splits=FEATURE_SPLITS,
-        batch_tokens=config["features"]["batch_tokens"],
-        top_samples=config["features"]["top_samples"],
-        device=config["device"],
-    wildcard_constraints:
-        layer=r"\d+",
     log:
         f"{LOGS}/features/stats_layer_{{layer}}.log",
     benchmark:
         f"{BENCH}/features/stats_layer_{{layer}}.tsv"
+    wildcard_constraints:
+        layer=r"\d+",
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=3000,
         runtime=60,
         gpu=1,
-    conda:
-        ENV
+    params:
+        splits=FEATURE_SPLITS,
+        batch_tokens=config["features"]["batch_tokens"],
+        top_samples=config["features"]["top_samples"],
+        device=config["device"],
     script:
         "../workflow_scripts/feature_stats.py"
 
@@ -43,6 +43,19 @@ rule lexical_filter:
         saes=expand(f"{R}/sae/{FEATURE_REGIME}/layer_{{layer}}", layer=LAYERS),
     output:
         table=f"{R}/features/lexical_{{contrast}}.csv",
+    log:
+        f"{LOGS}/features/lexical_{{contrast}}.log",
+    benchmark:
+        f"{BENCH}/features/lexical_{{contrast}}.tsv"
+    wildcard_constraints:
+        contrast="spatial|ocr",
+    conda:
+        ENV
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=1,
     params:
         thresholds=contrast_thresholds,
         frequency=config["features"]["frequency"],
@@ -50,19 +63,6 @@ rule lexical_filter:
         lexical=config["features"]["lexical"],
         layers=LAYERS,
         device=config["device"],
-    wildcard_constraints:
-        contrast="spatial|ocr",
-    log:
-        f"{LOGS}/features/lexical_{{contrast}}.log",
-    benchmark:
-        f"{BENCH}/features/lexical_{{contrast}}.tsv"
-    threads: 2
-    resources:
-        mem_mb=4000,
-        runtime=60,
-        gpu=1,
-    conda:
-        ENV
     script:
         "../workflow_scripts/lexical_filter.py"
 
@@ -81,6 +81,16 @@ rule select_features:
         selected_csv=f"{R}/tables/selected_features.csv",
         sets=f"{R}/tables/feature_sets.csv",
         per_layer=f"{R}/tables/adapted_per_layer.csv",
+    log:
+        f"{LOGS}/features/select_features.log",
+    benchmark:
+        f"{BENCH}/features/select_features.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         regime=FEATURE_REGIME,
         contrasts=CONTRASTS,
@@ -89,16 +99,6 @@ rule select_features:
         p_cos=config["features"]["p_cos"],
         eps=config["features"]["eps"],
         n_selected=config["features"]["n_selected"],
-    log:
-        f"{LOGS}/features/select_features.log",
-    benchmark:
-        f"{BENCH}/features/select_features.tsv"
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    conda:
-        ENV
     script:
         "../workflow_scripts/select_features.py"
 
@@ -110,20 +110,20 @@ rule threshold_sweep:
         features=f"{R}/tables/features.parquet",
     output:
         table=f"{R}/tables/threshold_sweep.csv",
-    params:
-        sweep=config["features"]["sweep"],
-        p_cos=config["features"]["p_cos"],
-        eps=config["features"]["eps"],
     log:
         f"{LOGS}/features/threshold_sweep.log",
     benchmark:
         f"{BENCH}/features/threshold_sweep.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        ENV
+    params:
+        sweep=config["features"]["sweep"],
+        p_cos=config["features"]["p_cos"],
+        eps=config["features"]["eps"],
     script:
         "../workflow_scripts/threshold_sweep.py"
 
@@ -138,20 +138,20 @@ rule ground_truth:
     output:
         per_feature=f"{R}/tables/ground_truth.csv",
         summary=f"{R}/tables/ground_truth_summary.csv",
-    params:
-        contrasts=CONTRASTS,
-        random_features=config["features"]["ground_truth"]["random_features"],
-        seed=config["seed"],
     log:
         f"{LOGS}/features/ground_truth.log",
     benchmark:
         f"{BENCH}/features/ground_truth.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        ENV
+    params:
+        contrasts=CONTRASTS,
+        random_features=config["features"]["ground_truth"]["random_features"],
+        seed=config["seed"],
     script:
         "../workflow_scripts/ground_truth.py"
 
@@ -164,19 +164,19 @@ rule feature_figures:
         sweep=f"{R}/tables/threshold_sweep.csv",
     output:
         **figure_outputs(FEATURE_FIGURES),
-    params:
-        p_cos=config["features"]["p_cos"],
-        eps=config["features"]["eps"],
-        thresholds={c: config["features"][c] for c in CONTRASTS},
     log:
         f"{LOGS}/features/figures.log",
     benchmark:
         f"{BENCH}/features/figures.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        ENV
+    params:
+        p_cos=config["features"]["p_cos"],
+        eps=config["features"]["eps"],
+        thresholds={c: config["features"][c] for c in CONTRASTS},
     script:
         "../workflow_scripts/feature_figures.py"

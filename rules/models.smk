@@ -12,25 +12,24 @@ if TRAIN_MODELS:
         output:
             model=directory(f"{R}/models/lm"),
             history=f"{R}/models/lm_history.csv",
-        params:
-            lm=config["lm"],
-            scene=config["world"]["scene"],
-            seed=config["seed"],
-            device=config["device"],
         log:
             f"{LOGS}/train_lm.log",
         benchmark:
             f"{BENCH}/train_lm.tsv"
+        conda:
+            ENV
         threads: 4
         resources:
             mem_mb=6000,
             runtime=60,
             gpu=1,
-        conda:
-            ENV
+        params:
+            lm=config["lm"],
+            scene=config["world"]["scene"],
+            seed=config["seed"],
+            device=config["device"],
         script:
             "../workflow_scripts/train_lm.py"
-
 
     rule pretrain_vision:
         """Pretrain the CLIP vision tower on per-patch object, letter and position targets (our
@@ -41,26 +40,25 @@ if TRAIN_MODELS:
             model=directory(f"{R}/models/vision"),
             history=f"{R}/models/vision_history.csv",
             metrics=f"{R}/models/vision_metrics.json",
+        log:
+            f"{LOGS}/pretrain_vision.log",
+        benchmark:
+            f"{BENCH}/pretrain_vision.tsv"
+        conda:
+            ENV
+        threads: 4
+        resources:
+            mem_mb=4000,
+            runtime=30,
+            gpu=1,
         params:
             vision=config["vision"],
             scene=config["world"]["scene"],
             image_size=config["world"]["scene"]["image_size"],
             seed=config["seed"],
             device=config["device"],
-        log:
-            f"{LOGS}/pretrain_vision.log",
-        benchmark:
-            f"{BENCH}/pretrain_vision.tsv"
-        threads: 4
-        resources:
-            mem_mb=4000,
-            runtime=30,
-            gpu=1,
-        conda:
-            ENV
         script:
             "../workflow_scripts/pretrain_vision.py"
-
 
     rule train_vlm_stage1:
         """LLaVA stage 1: vision tower + projector trained, language model frozen."""
@@ -71,6 +69,17 @@ if TRAIN_MODELS:
         output:
             model=directory(f"{R}/models/vlm_stage1"),
             history=f"{R}/models/vlm_stage1_history.csv",
+        log:
+            f"{LOGS}/train_vlm_stage1.log",
+        benchmark:
+            f"{BENCH}/train_vlm_stage1.tsv"
+        conda:
+            ENV
+        threads: 4
+        resources:
+            mem_mb=8000,
+            runtime=60,
+            gpu=1,
         params:
             vision=config["vision"],
             optim=config["vlm"]["stage1"],
@@ -78,20 +87,8 @@ if TRAIN_MODELS:
             image_size=config["world"]["scene"]["image_size"],
             seed=config["seed"],
             device=config["device"],
-        log:
-            f"{LOGS}/train_vlm_stage1.log",
-        benchmark:
-            f"{BENCH}/train_vlm_stage1.tsv"
-        threads: 4
-        resources:
-            mem_mb=8000,
-            runtime=60,
-            gpu=1,
-        conda:
-            ENV
         script:
             "../workflow_scripts/train_vlm.py"
-
 
     rule train_vlm_stage2:
         """LLaVA stage 2: everything trained, the language model included."""
@@ -101,31 +98,31 @@ if TRAIN_MODELS:
         output:
             model=directory(f"{R}/models/vlm_stage2"),
             history=f"{R}/models/vlm_stage2_history.csv",
-        params:
-            optim=config["vlm"]["stage2"],
-            scene=config["world"]["scene"],
-            seed=config["seed"] + 1,
-            device=config["device"],
         log:
             f"{LOGS}/train_vlm_stage2.log",
         benchmark:
             f"{BENCH}/train_vlm_stage2.tsv"
+        conda:
+            ENV
         threads: 4
         resources:
             mem_mb=8000,
             runtime=60,
             gpu=1,
-        conda:
-            ENV
+        params:
+            optim=config["vlm"]["stage2"],
+            scene=config["world"]["scene"],
+            seed=config["seed"] + 1,
+            device=config["device"],
         script:
             "../workflow_scripts/train_vlm.py"
-
 
     rule eval_models:
         """Held-out accuracy per question family, and of the spatial questions per relation: LM
         alone (no image), LM given the scene in words, VLM stage 1, VLM stage 2; colour and
         shape answers split into correct, another object's attribute, and not in the scene; and
-        how linearly each VLM's image tokens encode their patch's column and row, layer by layer."""
+        how linearly each VLM's image tokens encode their patch's column and row, layer by layer.
+        """
         input:
             lm=f"{R}/models/lm",
             stage1=f"{R}/models/vlm_stage1",
@@ -144,22 +141,22 @@ if TRAIN_MODELS:
             positions=f"{R}/models/vlm_eval_positions.csv",
             positions_plot=report_output(f"{R}/models/vlm_eval_positions.png"),
             positions_pdf=f"{R}/models/vlm_eval_positions.pdf",
-        params:
-            batch_size=config["eval"]["batch_size"],
-            position_images=config["eval"]["position_images"],
-            scene=config["world"]["scene"],
-            device=config["device"],
         log:
             f"{LOGS}/eval_models.log",
         benchmark:
             f"{BENCH}/eval_models.tsv"
+        conda:
+            ENV
         threads: 4
         resources:
             mem_mb=4000,
             runtime=30,
             gpu=1,
-        conda:
-            ENV
+        params:
+            batch_size=config["eval"]["batch_size"],
+            position_images=config["eval"]["position_images"],
+            scene=config["world"]["scene"],
+            device=config["device"],
         script:
             "../workflow_scripts/eval_models.py"
 
@@ -170,20 +167,20 @@ else:
         point), from their JSON files only: a mismatch stops the run before any GPU job."""
         output:
             check=MODEL_CHECK,
-        params:
-            source=SOURCE,
-            layers=LAYERS,
-            config_layers=config["lm"]["num_layers"],
         log:
             f"{LOGS}/check_sources.log",
         benchmark:
             f"{BENCH}/check_sources.tsv"
+        conda:
+            ENV
         threads: 1
         resources:
             mem_mb=1000,
             runtime=10,
-        conda:
-            ENV
+        params:
+            source=SOURCE,
+            layers=LAYERS,
+            config_layers=config["lm"]["num_layers"],
         script:
             "../workflow_scripts/check_sources.py"
 
@@ -194,22 +191,22 @@ else:
         output:
             model=directory(f"{R}/models/vlm_stage2"),
             summary=f"{R}/models/vlm_stage2_import.json",
+        log:
+            f"{LOGS}/import_vlm.log",
+        benchmark:
+            f"{BENCH}/import_vlm.tsv"
+        conda:
+            ENV
+        threads: 2
+        resources:
+            mem_mb=48000,
+            runtime=120,
         params:
             source=SOURCE["vlm"],
             key="source.vlm",
             base_lm=None,
             vision_tower=SOURCE["vision_tower"],
             revision=SOURCE["revision"],
-        log:
-            f"{LOGS}/import_vlm.log",
-        benchmark:
-            f"{BENCH}/import_vlm.tsv"
-        threads: 2
-        resources:
-            mem_mb=48000,
-            runtime=120,
-        conda:
-            ENV
         script:
             "../workflow_scripts/import_vlm.py"
 
@@ -223,22 +220,22 @@ else:
             output:
                 model=directory(f"{R}/models/vlm_stage1"),
                 summary=f"{R}/models/vlm_stage1_import.json",
+            log:
+                f"{LOGS}/import_vlm_stage1.log",
+            benchmark:
+                f"{BENCH}/import_vlm_stage1.tsv"
+            conda:
+                ENV
+            threads: 2
+            resources:
+                mem_mb=48000,
+                runtime=120,
             params:
                 source=SOURCE["vlm_stage1"],
                 key="source.vlm_stage1",
                 base_lm=SOURCE["lm"],
                 vision_tower=SOURCE["vision_tower"],
                 revision=SOURCE["revision"],
-            log:
-                f"{LOGS}/import_vlm_stage1.log",
-            benchmark:
-                f"{BENCH}/import_vlm_stage1.tsv"
-            threads: 2
-            resources:
-                mem_mb=48000,
-                runtime=120,
-            conda:
-                ENV
             script:
                 "../workflow_scripts/import_vlm.py"
 
@@ -248,18 +245,18 @@ else:
             """The base language model, copied as an HF Llama folder."""
             output:
                 model=directory(f"{R}/models/lm"),
-            params:
-                source=SOURCE["lm"],
-                revision=SOURCE["revision"],
             log:
                 f"{LOGS}/import_lm.log",
             benchmark:
                 f"{BENCH}/import_lm.tsv"
+            conda:
+                ENV
             threads: 1
             resources:
                 mem_mb=4000,
                 runtime=60,
-            conda:
-                ENV
+            params:
+                source=SOURCE["lm"],
+                revision=SOURCE["revision"],
             script:
                 "../workflow_scripts/import_lm.py"

@@ -18,6 +18,17 @@ rule autointerp_evidence:
         scores=f"{R}/causal/attribution.nc",
     output:
         evidence=directory(f"{R}/autointerp/evidence"),
+    log:
+        f"{LOGS}/report/autointerp_evidence.log",
+    benchmark:
+        f"{BENCH}/report/autointerp_evidence.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=20,
+        gpu=1,
     params:
         layers=LAYERS,
         contrasts=AUTOINTERP["contrasts"],
@@ -32,17 +43,6 @@ rule autointerp_evidence:
         batch_size=AUTOINTERP["batch_size"],
         seed=config["seed"],
         device=config["device"],
-    log:
-        f"{LOGS}/report/autointerp_evidence.log",
-    benchmark:
-        f"{BENCH}/report/autointerp_evidence.tsv"
-    threads: 1
-    resources:
-        mem_mb=3000,
-        runtime=20,
-        gpu=1,
-    conda:
-        ENV
     script:
         "../workflow_scripts/autointerp_evidence.py"
 
@@ -55,21 +55,21 @@ rule autointerp:
     output:
         raw=directory(f"{R}/autointerp/raw"),
         overlay=directory(f"{R}/autointerp/overlay"),
+    log:
+        f"{LOGS}/report/autointerp.log",
+    benchmark:
+        f"{BENCH}/report/autointerp.tsv"
+    conda:
+        ENV
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=120,
     params:
         backend=AUTOINTERP_BACKEND,
         cache=f"{R}/autointerp/cache",
         seed=config["seed"],
         device=config["device"],
-    log:
-        f"{LOGS}/report/autointerp.log",
-    benchmark:
-        f"{BENCH}/report/autointerp.tsv"
-    threads: 2
-    resources:
-        mem_mb=4000,
-        runtime=120,
-    conda:
-        ENV
     script:
         "../workflow_scripts/autointerp.py"
 
@@ -81,20 +81,23 @@ rule autointerp_table:
         raw=f"{R}/autointerp/raw",
         overlay=f"{R}/autointerp/overlay",
     output:
-        table=report(f"{R}/tables/autointerp.csv", caption="../report/autointerp_table.rst",
-                     category="5.1 Auto-interp"),
-        markdown=f"{R}/tables/autointerp.md",
         **figure_outputs(AUTOINTERP_FIGURES),
+        table=report(
+            f"{R}/tables/autointerp.csv",
+            caption="../report/autointerp_table.rst",
+            category="5.1 Auto-interp",
+        ),
+        markdown=f"{R}/tables/autointerp.md",
     log:
         f"{LOGS}/report/autointerp_table.log",
     benchmark:
         f"{BENCH}/report/autointerp_table.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        ENV
     script:
         "../workflow_scripts/autointerp_table.py"
 
@@ -110,18 +113,22 @@ rule dashboards:
         heads=f"{R}/tables/attribution_top_heads.csv",
         ablation=ABLATION_TABLES["table2_csv"],
     output:
-        pages=report(directory(f"{R}/dashboards"), htmlindex="index.html",
-                     caption="../report/dashboards.rst", category="5.1 Auto-interp"),
+        pages=report(
+            directory(f"{R}/dashboards"),
+            htmlindex="index.html",
+            caption="../report/dashboards.rst",
+            category="5.1 Auto-interp",
+        ),
     log:
         f"{LOGS}/report/dashboards.log",
     benchmark:
         f"{BENCH}/report/dashboards.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        ENV
     script:
         "../workflow_scripts/dashboards.py"
 
@@ -134,20 +141,20 @@ rule report:
         dashboards=f"{R}/dashboards",
     output:
         html=report(REPORT_HTML, caption="../report/report.rst", category="Report"),
+    log:
+        f"{LOGS}/report/report.log",
+    benchmark:
+        f"{BENCH}/report/report.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         run=RUN,
         config=config,
         benchmarks=BENCH,
         captions=f"{workflow.basedir}/report",
-    log:
-        f"{LOGS}/report/report.log",
-    benchmark:
-        f"{BENCH}/report/report.tsv"
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    conda:
-        ENV
     script:
         "../workflow_scripts/report.py"

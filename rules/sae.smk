@@ -10,6 +10,19 @@ if TRAIN_SAES:
         output:
             sae=directory(f"{R}/sae/base/layer_{{layer}}"),
             history=f"{R}/sae/base/layer_{{layer}}.history.csv",
+        log:
+            f"{LOGS}/sae/base_layer_{{layer}}.log",
+        benchmark:
+            f"{BENCH}/sae/base_layer_{{layer}}.tsv"
+        wildcard_constraints:
+            layer=r"\d+",
+        conda:
+            ENV
+        threads: 1
+        resources:
+            mem_mb=3000,
+            runtime=120,
+            gpu=1,
         params:
             train=config["sae"]["base"],
             k=config["sae"]["k"],
@@ -17,19 +30,6 @@ if TRAIN_SAES:
             eval_tokens=config["sae"]["eval_tokens"],
             seed=config["seed"],
             device=config["device"],
-        wildcard_constraints:
-            layer=r"\d+",
-        log:
-            f"{LOGS}/sae/base_layer_{{layer}}.log",
-        benchmark:
-            f"{BENCH}/sae/base_layer_{{layer}}.tsv"
-        threads: 1
-        resources:
-            mem_mb=3000,
-            runtime=120,
-            gpu=1,
-        conda:
-            ENV
         script:
             "../workflow_scripts/train_base_sae.py"
 
@@ -42,21 +42,21 @@ else:
             check=MODEL_CHECK,
         output:
             sae=directory(f"{R}/sae/base/layer_{{layer}}"),
-        params:
-            source=SOURCE,
-            k=config["sae"]["k"],
-        wildcard_constraints:
-            layer=r"\d+",
         log:
             f"{LOGS}/sae/import_base_layer_{{layer}}.log",
         benchmark:
             f"{BENCH}/sae/import_base_layer_{{layer}}.tsv"
+        wildcard_constraints:
+            layer=r"\d+",
+        conda:
+            ENV
         threads: 1
         resources:
             mem_mb=4000,
             runtime=30,
-        conda:
-            ENV
+        params:
+            source=SOURCE,
+            k=config["sae"]["k"],
         script:
             "../workflow_scripts/import_base_sae.py"
 
@@ -70,6 +70,20 @@ rule adapt_sae:
     output:
         sae=directory(f"{R}/sae/{{regime}}/layer_{{layer}}"),
         history=f"{R}/sae/{{regime}}/layer_{{layer}}.history.csv",
+    log:
+        f"{LOGS}/sae/{{regime}}_layer_{{layer}}.log",
+    benchmark:
+        f"{BENCH}/sae/{{regime}}_layer_{{layer}}.tsv"
+    wildcard_constraints:
+        regime="full|image|text|random",
+        layer=r"\d+",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=120,
+        gpu=1,
     params:
         train=config["sae"]["adapt"],
         k=config["sae"]["k"],
@@ -77,20 +91,6 @@ rule adapt_sae:
         seed=config["seed"],
         device=config["device"],
         checkpoint_dir=adapt_checkpoint_dir,
-    wildcard_constraints:
-        regime="full|image|text|random",
-        layer=r"\d+",
-    log:
-        f"{LOGS}/sae/{{regime}}_layer_{{layer}}.log",
-    benchmark:
-        f"{BENCH}/sae/{{regime}}_layer_{{layer}}.tsv"
-    threads: 1
-    resources:
-        mem_mb=3000,
-        runtime=120,
-        gpu=1,
-    conda:
-        ENV
     script:
         "../workflow_scripts/adapt_sae.py"
 
@@ -102,6 +102,17 @@ rule splice_baseline:
         val=world_file("val"),
     output:
         table=f"{R}/sae/splice_baseline.csv",
+    log:
+        f"{LOGS}/sae/splice_baseline.log",
+    benchmark:
+        f"{BENCH}/sae/splice_baseline.tsv"
+    conda:
+        ENV
+    threads: 4
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=1,
     params:
         samples=config["sae"]["splice"]["samples"],
         batch_size=config["sae"]["splice"]["batch_size"],
@@ -109,17 +120,6 @@ rule splice_baseline:
         layers=LAYERS,
         seed=config["seed"],
         device=config["device"],
-    log:
-        f"{LOGS}/sae/splice_baseline.log",
-    benchmark:
-        f"{BENCH}/sae/splice_baseline.tsv"
-    threads: 4
-    resources:
-        mem_mb=4000,
-        runtime=60,
-        gpu=1,
-    conda:
-        ENV
     script:
         "../workflow_scripts/splice_baseline.py"
 
@@ -133,6 +133,19 @@ rule splice_eval:
         baseline=f"{R}/sae/splice_baseline.csv",
     output:
         table=f"{R}/sae/{{regime}}/splice.csv",
+    log:
+        f"{LOGS}/sae/splice_{{regime}}.log",
+    benchmark:
+        f"{BENCH}/sae/splice_{{regime}}.tsv"
+    wildcard_constraints:
+        regime="full|image|text|random",
+    conda:
+        ENV
+    threads: 4
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=1,
     params:
         samples=config["sae"]["splice"]["samples"],
         batch_size=config["sae"]["splice"]["batch_size"],
@@ -140,19 +153,6 @@ rule splice_eval:
         layers=LAYERS,
         seed=config["seed"],
         device=config["device"],
-    wildcard_constraints:
-        regime="full|image|text|random",
-    log:
-        f"{LOGS}/sae/splice_{{regime}}.log",
-    benchmark:
-        f"{BENCH}/sae/splice_{{regime}}.tsv"
-    threads: 4
-    resources:
-        mem_mb=4000,
-        runtime=60,
-        gpu=1,
-    conda:
-        ENV
     script:
         "../workflow_scripts/splice_eval.py"
 
@@ -164,19 +164,19 @@ rule decoder_cosine:
         adapted=expand(f"{R}/sae/{{regime}}/layer_{{layer}}", regime=REGIMES, layer=LAYERS),
     output:
         netcdf=f"{R}/sae/decoder_cosine.nc",
-    params:
-        layers=LAYERS,
-        regimes=REGIMES,
     log:
         f"{LOGS}/sae/decoder_cosine.log",
     benchmark:
         f"{BENCH}/sae/decoder_cosine.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        ENV
+    params:
+        layers=LAYERS,
+        regimes=REGIMES,
     script:
         "../workflow_scripts/decoder_cosine.py"
 
@@ -184,7 +184,9 @@ rule decoder_cosine:
 rule adaptation_figures:
     """Figures 1, 5, 6 and the adaptation tables."""
     input:
-        histories=expand(f"{R}/sae/{{regime}}/layer_{{layer}}.history.csv", regime=REGIMES, layer=LAYERS),
+        histories=expand(
+            f"{R}/sae/{{regime}}/layer_{{layer}}.history.csv", regime=REGIMES, layer=LAYERS
+        ),
         splice=expand(f"{R}/sae/{{regime}}/splice.csv", regime=REGIMES),
         cosine=f"{R}/sae/decoder_cosine.nc",
     output:
@@ -200,11 +202,11 @@ rule adaptation_figures:
         f"{LOGS}/adaptation_figures.log",
     benchmark:
         f"{BENCH}/adaptation_figures.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        ENV
     script:
         "../workflow_scripts/adaptation_figures.py"

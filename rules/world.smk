@@ -8,6 +8,16 @@ if SHAPES_WORLD:
             **{split: world_file(split) for split in WORLD_SPLITS},
             neutral_prompts=f"{R}/world/neutral_prompts.json",
             summary=f"{R}/world/summary.json",
+        log:
+            f"{LOGS}/world.log",
+        benchmark:
+            f"{BENCH}/world.tsv"
+        conda:
+            ENV
+        threads: 1
+        resources:
+            mem_mb=4000,
+            runtime=30,
         params:
             scene=config["world"]["scene"],
             sizes=config["world"]["sizes"],
@@ -16,16 +26,6 @@ if SHAPES_WORLD:
             ocr_keywords=config["filters"]["ocr_keywords"],
             neutral_prompts=config["neutral_prompts"],
             seed=config["seed"],
-        log:
-            f"{LOGS}/world.log",
-        benchmark:
-            f"{BENCH}/world.tsv"
-        threads: 1
-        resources:
-            mem_mb=4000,
-            runtime=30,
-        conda:
-            ENV
         script:
             "../workflow_scripts/world.py"
 
@@ -38,6 +38,16 @@ else:
             **{split: world_file(split) for split in ["train", "val", "spatial", "ocr"]},
             neutral_prompts=f"{R}/world/neutral_prompts.json",
             summary=f"{R}/world/vqav2_summary.json",
+        log:
+            f"{LOGS}/import_vqav2.log",
+        benchmark:
+            f"{BENCH}/import_vqav2.tsv"
+        conda:
+            ENV
+        threads: 2
+        resources:
+            mem_mb=16000,
+            runtime=240,
         params:
             vqav2=SOURCE["vqav2"],
             revision=SOURCE["revision"],
@@ -45,16 +55,6 @@ else:
             ocr_keywords=config["filters"]["ocr_keywords"],
             neutral_prompts=config["neutral_prompts"],
             seed=config["seed"],
-        log:
-            f"{LOGS}/import_vqav2.log",
-        benchmark:
-            f"{BENCH}/import_vqav2.tsv"
-        threads: 2
-        resources:
-            mem_mb=16000,
-            runtime=240,
-        conda:
-            ENV
         script:
             "../workflow_scripts/import_vqav2.py"
 
@@ -63,19 +63,19 @@ else:
         output:
             vsr=world_file("vsr"),
             summary=f"{R}/world/vsr_summary.json",
-        params:
-            vsr=SOURCE["vsr"],
-            revision=SOURCE["revision"],
-            seed=config["seed"],
         log:
             f"{LOGS}/import_vsr.log",
         benchmark:
             f"{BENCH}/import_vsr.tsv"
+        conda:
+            ENV
         threads: 1
         resources:
             mem_mb=8000,
             runtime=60,
-        conda:
-            ENV
+        params:
+            vsr=SOURCE["vsr"],
+            revision=SOURCE["revision"],
+            seed=config["seed"],
         script:
             "../workflow_scripts/import_vsr.py"
