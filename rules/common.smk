@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 from vlmdiff.config import ConfigError, load_schema, validate_config
+from vlmdiff.llm import backend_kind, backend_problem
 from vlmdiff.sources import SourceMismatch, check_sources, source_problems
 
 try:
@@ -233,14 +234,33 @@ AUTOINTERP_BACKEND = {
     key: AUTOINTERP[key] for key in ("backend", "rounds", "attempts", "openai", "local")
 }
 AUTOINTERP_FIGURES = {"fig_autointerp": "fig_autointerp_f1"}
+# `autointerp.backend: none` runs the DAG without auto-interp: evidence and dashboards only
+AUTOINTERP_ON = backend_kind(AUTOINTERP) != "none"
 REPORT_HTML = f"{R}/report.html"
 
 
+def check_autointerp_backend(cfg):
+    """The backend can run (model file, key, endpoint): checked while the DAG is built, so a
+    run that would end in auto-interp does not stop there after an hour."""
+    problem = backend_problem(cfg)
+    if problem:
+        raise WorkflowError(f"auto-interp cannot run: {problem}")
+
+
+check_autointerp_backend(AUTOINTERP)
+
+
+def autointerp_dirs():
+    """The RAW and OVERLAY record folders the dashboards read (none when switched off)."""
+    if not AUTOINTERP_ON:
+        return {}
+    return {v: f"{R}/autointerp/{v}" for v in ("raw", "overlay")}
+
+
 def report_targets():
+    tables = [f"{R}/tables/autointerp.{x}" for x in ("csv", "md")]
     return [
-        f"{R}/tables/autointerp.csv",
-        f"{R}/tables/autointerp.md",
-        *figure_outputs(AUTOINTERP_FIGURES).values(),
+        *(tables + list(figure_outputs(AUTOINTERP_FIGURES).values()) if AUTOINTERP_ON else []),
         f"{R}/dashboards",
         REPORT_HTML,
     ]

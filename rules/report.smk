@@ -106,9 +106,8 @@ rule dashboards:
     """One static HTML page per described feature (statistics, samples with token shading,
     heat maps, top heads, ablation row, descriptions and F1) and an index."""
     input:
+        **autointerp_dirs(),
         evidence=f"{R}/autointerp/evidence",
-        raw=f"{R}/autointerp/raw",
-        overlay=f"{R}/autointerp/overlay",
         features=f"{R}/tables/features.parquet",
         heads=f"{R}/tables/attribution_top_heads.csv",
         ablation=ABLATION_TABLES["table2_csv"],

@@ -38,6 +38,7 @@ from vlmdiff.llm import (
     Reply,
     ReplyError,
     ask,
+    backend_problem,
     gguf_cache_dir,
     load_gguf_chat_model,
     local_model_source,
@@ -231,6 +232,46 @@ def test_validation_rounds_cover_every_sample_once(tmp_path):
     flat = [s.text for r in rounds for s in r]
     assert sorted(flat) == sorted(s.text for s in ev.positives + ev.negatives)
     assert [s.text for r in validation_rounds(ev, 2, seed=0) for s in r] == flat
+
+
+def backend_cfg(**kw) -> dict:
+    cfg = {"backend": "auto", "openai": {"base_url": None, "api_key_env": "VLMDIFF_TEST_KEY"},
+           "local": {"model": None}}
+    for k, v in kw.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) else v
+    return cfg
+
+
+def test_backend_problem_names_what_is_missing_and_the_switch(tmp_path, monkeypatch):
+    missing = tmp_path / "nothing.gguf"
+    problem = backend_problem(backend_cfg(local={"model": str(missing)}))
+    assert str(missing) in problem and "does not exist" in problem
+    assert "autointerp.backend: none" in problem
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF")
+    assert backend_problem(backend_cfg(local={"model": str(model)})) is None
+    # switched off: nothing is checked
+    assert backend_problem(backend_cfg(backend="none", local={"model": str(missing)})) is None
+    # api.openai.com needs its key
+    monkeypatch.delenv("VLMDIFF_TEST_KEY", raising=False)
+    problem = backend_problem(backend_cfg(backend="openai"))
+    assert "$VLMDIFF_TEST_KEY" in problem and "not set" in problem
+    monkeypatch.setenv("VLMDIFF_TEST_KEY", "sk-test")
+    assert backend_problem(backend_cfg(backend="openai")) is None
+
+
+def test_backend_problem_checks_that_the_endpoint_answers():
+    import socket
+
+    listening = socket.create_server(("127.0.0.1", 0))
+    port = listening.getsockname()[1]
+    up = backend_cfg(openai={"base_url": f"http://127.0.0.1:{port}/v1"})
+    assert backend_problem(up) is None  # auto with a base_url means the endpoint
+    listening.close()
+    problem = backend_problem(up, connect_timeout=1.0)
+    assert f"127.0.0.1:{port}" in problem and "start the server" in problem
+    problem = backend_problem(backend_cfg(openai={"base_url": "localhost:8000"}))
+    assert "not an http(s) URL" in problem
 
 
 def test_local_model_source_errors(tmp_path):

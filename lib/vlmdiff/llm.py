@@ -355,13 +355,64 @@ def _text_of(content: str | Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(parts)
 
 
+SKIP_HINT = "or set autointerp.backend: none to run the DAG without auto-interp"
+
+
+def backend_kind(cfg: Mapping[str, Any]) -> str:
+    """The backend `cfg` (the `autointerp` section) runs: `auto` resolved to openai when an
+    endpoint `base_url` is configured, else local; `none` when auto-interp is switched off."""
+    kind = cfg["backend"]
+    if kind == "auto":
+        return "openai" if cfg["openai"].get("base_url") else "local"
+    return kind
+
+
+def backend_problem(cfg: Mapping[str, Any], *, connect_timeout: float = 3.0) -> str | None:
+    """Why the configured backend cannot run, with the fix, or None; cheap (no model is
+    loaded), so the workflow asks it while the DAG is built."""
+    kind = backend_kind(cfg)
+    if kind == "none":
+        return None
+    if kind == "local":
+        try:
+            local_model_source(cfg["local"].get("model"))
+        except BackendError as err:
+            return f"{err}; {SKIP_HINT}"
+        return None
+    o = cfg["openai"]
+    base_url = o.get("base_url")
+    if base_url is None:
+        if not os.environ.get(o["api_key_env"]):
+            return (f"autointerp.backend openai talks to api.openai.com, which needs a key in "
+                    f"${o['api_key_env']} (not set): export it, set autointerp.openai.base_url "
+                    f"to a local server, or use autointerp.backend: local; {SKIP_HINT}")
+        return None
+    return _endpoint_problem(base_url, connect_timeout)
+
+
+def _endpoint_problem(base_url: str, timeout: float) -> str | None:
+    """A TCP connection to the endpoint's host and port, or why there is none."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(base_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        return (f"autointerp.openai.base_url {base_url!r} is not an http(s) URL "
+                "(e.g. http://localhost:8000/v1)")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return None
+    except OSError as err:
+        return (f"autointerp.openai.base_url {base_url}: nothing answers at "
+                f"{url.hostname}:{port} ({err}); start the server first, {SKIP_HINT}")
+
+
 def make_backend(cfg: Mapping[str, Any], device: str = "auto") -> Backend:
     """The backend the `autointerp` config section names (`auto`: OpenAI-compatible when an
     endpoint `base_url` is configured, else local)."""
-    kind = cfg["backend"]
+    kind = backend_kind(cfg)
     o = cfg["openai"]
-    if kind == "auto":
-        kind = "openai" if o.get("base_url") else "local"
     if kind == "openai":
         return OpenAIBackend(o["model"], base_url=o.get("base_url"), api_key_env=o["api_key_env"],
                              timeout=o["timeout"], max_retries=o["max_retries"],
@@ -374,4 +425,6 @@ def make_backend(cfg: Mapping[str, Any], device: str = "auto") -> Backend:
         loc = cfg["local"]
         return LocalBackend(loc.get("model"), max_new_tokens=loc["max_new_tokens"],
                             device=str(resolve_device(device)))
-    raise ValueError(f"autointerp.backend: unknown backend {kind!r} (auto, openai or local)")
+    if kind == "none":
+        raise BackendError("autointerp.backend is none: auto-interp is switched off")
+    raise ValueError(f"autointerp.backend: unknown backend {kind!r} (auto, openai, local or none)")

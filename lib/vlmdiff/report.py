@@ -189,6 +189,7 @@ autoencoders: adaptation, adapted features, spatial features, auto-interp, attri
 {% for s in sections %}
 <h2 id="{{ s.key }}">{{ s.title }}</h2>
 {% if s.key == "autointerp" %}
+{% if autointerp_off %}<p class="muted">Auto-interp was switched off (<code>autointerp.backend: none</code>): the dashboards show each feature's evidence without descriptions.</p>{% endif %}
 <p>Feature dashboards: <a href="{{ dashboards }}/index.html">index</a>{% for d in pages %} · <a href="{{ dashboards }}/{{ d }}.html">{{ d }}</a>{% endfor %}</p>
 {% endif %}
 {% for f in s.figures %}<figure id="{{ f.stem }}"><img src="{{ f.src }}" alt="{{ f.stem }}">
@@ -227,6 +228,7 @@ def build_report(
     pages = sorted(p.stem for p in dash.glob("*.html") if p.name != "index.html")
     text = PAGE.render(
         run=run, sections=sections, dashboards=os.path.relpath(dash, run_dir), pages=pages,
+        autointerp_off=config.get("autointerp", {}).get("backend") == "none",
         config=yaml.safe_dump(_plain(config), sort_keys=False), versions=versions(),
         n_jobs=len(bench), total_s=float(bench["seconds"].sum()),
         timings=bench.to_html(index=False, border=0, na_rep="–", float_format=lambda v: f"{v:.1f}"))
