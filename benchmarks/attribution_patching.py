@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from datasets import Dataset
 from PIL import Image
-from vlmdiff import attribution as at
-from vlmdiff.cache import encode_rows
-from vlmdiff.models import build_lm, build_vlm, make_processor
-from vlmdiff.tokenizer import build_tokenizer
+from vlmdiff.causal import attribution as at
+from vlmdiff.inputs import encode_rows
+from vlmdiff.models.build import build_lm, build_vlm, make_processor
+from vlmdiff.models.tokenizer import build_tokenizer
 
 OUT = Path(__file__).resolve().parent / "out"
 

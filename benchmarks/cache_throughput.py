@@ -30,18 +30,14 @@ import torch
 import yaml
 import zarr
 from datasets import Dataset
-from vlmdiff.cache import (
-    HOOK_POINT,
-    LAYER_INDEXING,
-    META_DTYPES,
-    ResidCapture,
-    encode_rows,
-    iter_batches,
-    write_cache,
-)
-from vlmdiff.data import noise_vqa
-from vlmdiff.models import build_lm, build_vlm, language_layers, make_processor
-from vlmdiff.tokenizer import build_tokenizer
+from vlmdiff.cache.read import iter_batches
+from vlmdiff.cache.store import HOOK_POINT, LAYER_INDEXING, META_DTYPES
+from vlmdiff.cache.write import write_cache
+from vlmdiff.hooks import ResidCapture, language_layers
+from vlmdiff.inputs import encode_rows
+from vlmdiff.models.build import build_lm, build_vlm, make_processor
+from vlmdiff.models.tokenizer import build_tokenizer
+from vlmdiff.world.datasets import noise_vqa
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [

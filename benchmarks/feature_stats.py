@@ -1,4 +1,4 @@
-"""Time and memory of the feature statistics pass (`vlmdiff.feature_stats.split_statistics`).
+"""Time and memory of the feature statistics pass (`vlmdiff.features.stats.split_statistics`).
 
 Writes synthetic stores of growing size in the cache layout (64-token samples, 36 of them image
 tokens, as in the default preset) and streams each through a random TopK SAE of the default
@@ -29,8 +29,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from cache_throughput import _du, synthetic_store  # noqa: E402
-from vlmdiff.feature_stats import split_statistics  # noqa: E402
-from vlmdiff.sae import TopKSAE  # noqa: E402
+from vlmdiff.features.stats import split_statistics  # noqa: E402
+from vlmdiff.sae.topk import TopKSAE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

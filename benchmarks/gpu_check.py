@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py                          # tiny preset, device cuda
     python benchmarks/gpu_check.py --workdir /scratch/x --cores 8
 
-Training runs under bf16 autocast on CUDA (see vlmdiff.training.train); caches are stored in the
+Training runs under bf16 autocast on CUDA (see vlmdiff.models.training.train); caches are stored in the
 preset's `cache.dtype`. The script fails when no CUDA device is visible, when snakemake fails, or
 when the training, caching or SAE jobs are never seen holding GPU memory (nvidia-smi is polled). It prints the device, the per-job wall times and the
 tiny run's accuracy table, and writes them as JSON.

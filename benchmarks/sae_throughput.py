@@ -44,8 +44,8 @@ from typing import Any
 
 import torch
 import yaml
-from vlmdiff.sae import TopKSAE
-from vlmdiff.sae_training import Batch, TrainConfig, train_sae
+from vlmdiff.sae.topk import TopKSAE
+from vlmdiff.sae.training import Batch, TrainConfig, train_sae
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = ("toy", "paper")

@@ -2,8 +2,8 @@ import json
 from pathlib import Path
 
 from vlmdiff.config import ConfigError, load_schema, validate_config
-from vlmdiff.llm import backend_kind, backend_problem
-from vlmdiff.sources import SourceMismatch, check_sources, source_problems
+from vlmdiff.interp.backends import backend_kind, backend_problem
+from vlmdiff.sources.check import SourceMismatch, check_sources, source_problems
 
 try:
     validate_config(config, load_schema(Path(workflow.basedir) / "schemas/config.schema.yaml"))
@@ -131,7 +131,7 @@ def figure_outputs(figures):
 
 def report_output(path, kind="figure"):
     """`path` marked for `snakemake --report`: caption report/{stem}.rst, the paper's section."""
-    from vlmdiff.report import section_of
+    from vlmdiff.interp.report import section_of
 
     stem = Path(path).stem
     return report(

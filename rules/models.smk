@@ -1,5 +1,5 @@
 # Stage 1 models. Toy presets: trained by the workflow. Paper preset: imported and converted
-# (vlmdiff.llava_more) into the same folders, after a check that model and SAEs fit.
+# (vlmdiff.sources.llava_more) into the same folders, after a check that model and SAEs fit.
 if TRAIN_MODELS:
 
     rule train_lm:

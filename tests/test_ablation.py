@@ -1,8 +1,9 @@
 import numpy as np
 import pandas as pd
 import torch
-from vlmdiff import ablation as ab
-from vlmdiff.splice import replace_layer_output
+from vlmdiff.causal import ablation as ab
+from vlmdiff.causal import tables
+from vlmdiff.hooks import replace_layer_output
 
 from tests.test_attribution import make_vlm
 
@@ -98,17 +99,17 @@ def test_tables_rank_by_vsr_drop_and_say_when_empty(tmp_path):
          "d_vsr_prob": -0.1, "d_vqa_acc": 0.0, "d_ctrl": 0.5, "d_ctrl_vqa": 0.0, "controls": "3",
          "vsr_or": 2.0}
         for f, i, d in (("L1F4", 4, -2.0), ("L1F5", 5, -10.0)) for s in (0, 1)
-    ], columns=ab.RUN_COLUMNS)
-    summary = ab.summarise(runs)
+    ], columns=tables.RUN_COLUMNS)
+    summary = tables.summarise(runs)
     assert summary["feature"].tolist() == ["L1F5", "L1F4"]
     assert summary.loc[0, "d_vsr_acc_mean"] == -9.5
     assert summary.loc[0, "d_vsr_acc_std"] == np.std([-10, -9], ddof=1)
     out = {"runs": tmp_path / "runs.csv"}
     out.update({f"table{i}_{e}": tmp_path / f"t{i}.{e}" for i in (1, 2) for e in ("csv", "md", "tex")})
-    ab.write_ablation_tables(runs, out, "spatial")
+    tables.write_ablation_tables(runs, out, "spatial")
     assert "-9.50 ± 0.71" in (tmp_path / "t1.md").read_text()
     assert r"\pm" in (tmp_path / "t2.tex").read_text()
-    ab.write_ablation_tables(runs.iloc[:0], out, "spatial")
+    tables.write_ablation_tables(runs.iloc[:0], out, "spatial")
     assert "EMPTY" in (tmp_path / "t1.md").read_text()
     assert "EMPTY" in (tmp_path / "t2.tex").read_text()
     assert len(pd.read_csv(tmp_path / "t1.csv")) == 0

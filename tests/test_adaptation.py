@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from vlmdiff.adaptation import (
+from vlmdiff.sae.adaptation import (
     decoder_cosine,
     decoder_cosines,
     final_table,
@@ -10,7 +10,7 @@ from vlmdiff.adaptation import (
     regime_summary,
     train_config,
 )
-from vlmdiff.sae import TopKSAE
+from vlmdiff.sae.topk import TopKSAE
 
 
 def test_loss_regime():

@@ -3,11 +3,12 @@ import pytest
 import torch
 from datasets import Dataset
 from PIL import Image
-from vlmdiff import attribution as at
-from vlmdiff.cache import encode_rows
-from vlmdiff.lexical import prompt_span
-from vlmdiff.models import build_lm, build_vlm, language_layers, make_processor
-from vlmdiff.tokenizer import build_tokenizer
+from vlmdiff.causal import attention
+from vlmdiff.causal import attribution as at
+from vlmdiff.hooks import language_layers
+from vlmdiff.inputs import encode_rows, prompt_span
+from vlmdiff.models.build import build_lm, build_vlm, make_processor
+from vlmdiff.models.tokenizer import build_tokenizer
 
 QUESTIONS = ["is the red circle left of the blue square?", "is the red circle?", "blue"]
 
@@ -52,8 +53,8 @@ def test_probe_is_the_eager_attention(two_layer):
     model, _, _, inputs = two_layer
     with torch.no_grad():
         ref = model(**inputs).logits
-        probe = at.AttentionProbe()
-        with at.probe_attention(model, probe):
+        probe = attention.AttentionProbe()
+        with attention.probe_attention(model, probe):
             probed = model(**inputs).logits
         after = model(**inputs).logits
     assert torch.allclose(ref, probed, atol=1e-5) and torch.equal(ref, after)
@@ -65,7 +66,7 @@ def test_probe_is_the_eager_attention(two_layer):
     # grouped-query attention: query heads 0, 1 read KV head 0; heads 2, 3 read KV head 1
     assert torch.equal(rec["key"][:, 0], rec["key"][:, 1])
     assert not torch.equal(rec["key"][:, 1], rec["key"][:, 2])
-    assert at.kv_head_of(4, 2).tolist() == [0, 0, 1, 1]
+    assert attention.kv_head_of(4, 2).tolist() == [0, 0, 1, 1]
 
 
 def test_gqa_bookkeeping(two_layer):
@@ -113,7 +114,7 @@ def test_query_key_gradients_match_finite_differences(two_layer):
     runs = {}
     with torch.no_grad():
         for name, m in (("clean", None), ("corr", mean)):
-            probe = at.AttentionProbe()
+            probe = attention.AttentionProbe()
             j = at.feature_objective(model, inputs, layer, v, span, probe, mean=m)
             runs[name] = (j, probe.records)
         j0, clean = runs["clean"]
@@ -123,7 +124,7 @@ def test_query_key_gradients_match_finite_differences(two_layer):
         for lay, h in ((0, 1), (0, 2), (1, 2), (1, 3)):
             heads = torch.zeros(4, dtype=torch.bool)
             heads[h] = True
-            probe = at.AttentionProbe([])
+            probe = attention.AttentionProbe([])
             probe.patches[lay] = {
                 n: (clean[lay][n] + eps * (corr[lay][n] - clean[lay][n]), heads)
                 for n in ("query", "key")
@@ -159,7 +160,7 @@ def test_exact_patching_agrees_with_estimates_in_rank(two_layer):
 
 def test_attention_maps_sum_to_image_share(two_layer):
     model, proc, images, _ = two_layer
-    maps = at.attention_to_image(model, proc, images, QUESTIONS, [(0, 1), (1, 3)],
+    maps = attention.attention_to_image(model, proc, images, QUESTIONS, [(0, 1), (1, 3)],
                                  device=torch.device("cpu"))
     assert maps.shape == (3, 2, 4, 4)
     assert (maps >= 0).all() and (maps.sum((2, 3)) <= 1 + 1e-5).all()

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 from PIL import Image
-from vlmdiff.autointerp import (
+from vlmdiff.interp.autointerp import (
     autointerp_job,
     f1_comparison,
     f1_score,
@@ -22,16 +22,7 @@ from vlmdiff.autointerp import (
     records_table,
     validation_rounds,
 )
-from vlmdiff.evidence import (
-    EVIDENCE_FILE,
-    FeatureEvidence,
-    Sample,
-    attention_shares,
-    interleave,
-    read_evidence,
-    scene_text,
-)
-from vlmdiff.llm import (
+from vlmdiff.interp.backends import (
     BackendError,
     Expect,
     OpenAIBackend,
@@ -43,6 +34,15 @@ from vlmdiff.llm import (
     load_gguf_chat_model,
     local_model_source,
     parse_reply,
+)
+from vlmdiff.interp.evidence import (
+    EVIDENCE_FILE,
+    FeatureEvidence,
+    Sample,
+    attention_shares,
+    interleave,
+    read_evidence,
+    scene_text,
 )
 
 # ------------------------------------------------------------------------- a scripted server
@@ -291,9 +291,9 @@ def fake_gguf(tmp_path, monkeypatch):
     """A .gguf path whose "conversion" builds a tiny Llama (counted in `calls`); loading any
     other folder goes to transformers for real. The cache lives under tmp_path."""
     import torch
-    from vlmdiff import llm
-    from vlmdiff.models import build_lm
-    from vlmdiff.tokenizer import build_tokenizer
+    from vlmdiff.interp import backends as llm
+    from vlmdiff.models.build import build_lm
+    from vlmdiff.models.tokenizer import build_tokenizer
 
     monkeypatch.setenv("VLMDIFF_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "models" / "Tiny.Q4_1.gguf"
@@ -521,7 +521,7 @@ def test_failed_features_are_not_cached(tmp_path):
 
 
 def test_heat_overlay_colours_where_attention_is():
-    from vlmdiff.evidence import IMAGE_PX, heat_overlay, picture
+    from vlmdiff.interp.evidence import IMAGE_PX, heat_overlay, picture
 
     img = Image.new("RGB", (32, 32), (238, 238, 232))
     grid = np.zeros((4, 4), np.float32)

@@ -11,18 +11,13 @@ import torch
 import yaml
 import zarr
 from datasets import Dataset, Features, Sequence, Value
-from vlmdiff.cache import (
-    _prefetched,
-    iter_batches,
-    iter_samples,
-    open_cache,
-    token_mask,
-    write_cache,
-)
-from vlmdiff.data import noise_vqa
-from vlmdiff.models import build_lm, build_vlm, language_layers, make_processor
-from vlmdiff.tokenizer import build_tokenizer
-from vlmdiff.training import encode_corpus, prompt_texts
+from vlmdiff.cache.read import iter_batches, iter_samples, open_cache, token_mask
+from vlmdiff.cache.write import _prefetched, write_cache
+from vlmdiff.hooks import language_layers
+from vlmdiff.inputs import encode_corpus, prompt_texts
+from vlmdiff.models.build import build_lm, build_vlm, make_processor
+from vlmdiff.models.tokenizer import build_tokenizer
+from vlmdiff.world.datasets import noise_vqa
 
 PRESET = yaml.safe_load((Path(__file__).parents[1] / "presets" / "tiny.yaml").read_text())
 IMAGE_SIZE = PRESET["world"]["scene"]["image_size"]

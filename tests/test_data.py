@@ -12,16 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset
 from test_world import PHRASE_TO_REL, ref_answer, ref_relation
-from vlmdiff.data import (
-    VAL_ID_OFFSET,
-    VQA_COLUMNS,
-    check_vqa_columns,
-    keyword_mask,
-    load_split,
-    write_parquet,
-    write_world,
-)
-from vlmdiff.world import DEFAULT_FAMILY_WEIGHTS, FAMILIES, RELATIONS
+from vlmdiff.world.datasets import VAL_ID_OFFSET, write_parquet, write_world
+from vlmdiff.world.layouts import VQA_COLUMNS, check_vqa_columns, keyword_mask, load_split
+from vlmdiff.world.scenes import DEFAULT_FAMILY_WEIGHTS, FAMILIES, RELATIONS
 
 WORDS = "left right above below beside between near far under over behind top bottom"
 SPATIAL = [*WORDS.split(), "next to", "on top of", "in front of"]

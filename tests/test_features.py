@@ -11,21 +11,21 @@ import xarray as xr
 import zarr
 from datasets import Dataset
 from PIL import Image
-from vlmdiff.cache import HOOK_POINT
-from vlmdiff.feature_stats import layer_statistics, prompt_token_mask, split_statistics
-from vlmdiff.features import (
+from vlmdiff.cache.store import HOOK_POINT
+from vlmdiff.features.ground_truth.ground_truth import ground_truth
+from vlmdiff.features.selection import (
     adapted_mask,
     candidate_mask,
     cosine_threshold,
     feature_statistics,
-    ground_truth,
     odds_ratio,
     select_features,
     selected_table,
     set_summary,
     threshold_sweep,
 )
-from vlmdiff.sae import TopKSAE
+from vlmdiff.features.stats import layer_statistics, prompt_token_mask, split_statistics
+from vlmdiff.sae.topk import TopKSAE
 
 torch.set_num_threads(1)
 D_MODEL, D_SAE, K = 8, 16, 4
@@ -383,8 +383,8 @@ def word_and_image_model(tiny_config):
     dimension left free) plus, in the free dimension, the mean over earlier tokens of a signal
     that only image tokens carry. An SAE reads feature 0 off the embedding of "left" and
     feature 1 off the free dimension: the first fires on a word, the second on the image."""
-    from vlmdiff.models import build_lm, build_vlm, make_processor
-    from vlmdiff.tokenizer import build_tokenizer
+    from vlmdiff.models.build import build_lm, build_vlm, make_processor
+    from vlmdiff.models.tokenizer import build_tokenizer
 
     tok = build_tokenizer([QUESTION, NEUTRAL])
     lm = build_lm(tok, tiny_config["lm"], seed=0)
@@ -434,7 +434,7 @@ def word_and_image_model(tiny_config):
 
 
 def test_lexical_filter_keeps_the_image_feature_and_drops_the_word_feature(word_and_image_model):
-    from vlmdiff.lexical import lexical_filter, sample_maxima
+    from vlmdiff.features.lexical import lexical_filter, sample_maxima
 
     model, proc, sae, ds = word_and_image_model
     best = sample_maxima(
@@ -462,7 +462,7 @@ def test_lexical_filter_keeps_the_image_feature_and_drops_the_word_feature(word_
 
 
 def test_unknown_words_are_found(word_and_image_model):
-    from vlmdiff.lexical import unknown_words
+    from vlmdiff.features.lexical import unknown_words
 
     _, proc, _, _ = word_and_image_model
     assert unknown_words(proc.tokenizer, [NEUTRAL, "describe the layout ."]) == {

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 from vlmdiff.files import atomic_dir, atomic_path, write_table
-from vlmdiff.models import save_atomic
+from vlmdiff.models.build import save_atomic
 
 
 def test_atomic_path_publishes_only_on_success(tmp_path):

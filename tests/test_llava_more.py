@@ -14,15 +14,15 @@ from paper_fixtures import (
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-from vlmdiff.llava_more import (
+from vlmdiff.inputs import prompt_texts
+from vlmdiff.models.build import load_vlm
+from vlmdiff.sources.llava_more import (
     ConversionError,
     convert_llava_llama,
     image_seq_length,
     import_vlm,
     resolve_source,
 )
-from vlmdiff.models import load_vlm
-from vlmdiff.training import prompt_texts
 
 QUESTIONS = ["Is the cat to the left of the dog?", "What colour is the bus?"]
 

@@ -5,7 +5,17 @@ import pytest
 import torch
 from datasets import Dataset
 from PIL import Image
-from vlmdiff.evaluation import (
+from vlmdiff.hooks import language_layers
+from vlmdiff.inputs import IGNORE, Encoded, collate, encode_corpus, encode_vqa, user_prompt
+from vlmdiff.models.build import (
+    build_lm,
+    build_vlm,
+    load_vlm,
+    make_processor,
+    save_atomic,
+    sincos_2d,
+)
+from vlmdiff.models.evaluation import (
     ERROR_KINDS,
     accuracy_table,
     attribute_errors,
@@ -13,28 +23,8 @@ from vlmdiff.evaluation import (
     predict_next_token,
     relation_table,
 )
-from vlmdiff.models import (
-    build_lm,
-    build_vlm,
-    language_layers,
-    load_vlm,
-    make_processor,
-    save_atomic,
-    sincos_2d,
-)
-from vlmdiff.tokenizer import IMAGE_TOKEN, build_tokenizer, user_prompt
-from vlmdiff.training import (
-    IGNORE,
-    Encoded,
-    OptimConfig,
-    batches,
-    collate,
-    encode_corpus,
-    encode_vqa,
-    set_stage_trainable,
-    train,
-    with_captions,
-)
+from vlmdiff.models.tokenizer import IMAGE_TOKEN, build_tokenizer
+from vlmdiff.models.training import OptimConfig, batches, set_stage_trainable, train, with_captions
 
 TEXTS = ["is the red circle left of the blue square ?", "what color is the circle ?",
          "yes no red blue green circle square triangle"]

@@ -17,10 +17,10 @@ from paper_fixtures import (
     write_vqav2,
     write_vsr,
 )
-from vlmdiff.cache import open_store
-from vlmdiff.data import load_split
-from vlmdiff.llama_scope import load_llama_scope
-from vlmdiff.sources import SourceMismatch, check_sources, source_problems
+from vlmdiff.cache.read import open_store
+from vlmdiff.sources.check import SourceMismatch, check_sources, source_problems
+from vlmdiff.sources.llama_scope import load_llama_scope
+from vlmdiff.world.layouts import load_split
 
 pytestmark = pytest.mark.workflow
 

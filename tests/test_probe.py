@@ -1,8 +1,14 @@
+"""The text relation probe of research/probe.py (a research script, not part of the library)."""
+
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from vlmdiff.models import build_lm
-from vlmdiff.probe import (
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "research"))
+from probe import (  # noqa: E402
     PARTS,
     answer_parts,
     main,
@@ -14,9 +20,12 @@ from vlmdiff.probe import (
     relation_question,
     run_probe,
 )
-from vlmdiff.tokenizer import build_tokenizer
-from vlmdiff.training import Encoded, OptimConfig, batches, train
-from vlmdiff.world import RELATIONS, describe, relation_holds, sample_scene
+from vlmdiff.inputs import Encoded
+from vlmdiff.models.build import build_lm
+from vlmdiff.models.tokenizer import build_tokenizer
+from vlmdiff.models.training import OptimConfig, batches, train
+from vlmdiff.world.relations import relation_holds
+from vlmdiff.world.scenes import RELATIONS, describe, sample_scene
 
 LEFT_RIGHT = ["left of", "right of"]
 

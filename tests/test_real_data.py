@@ -4,13 +4,8 @@ import pyarrow.parquet as pq
 import pytest
 from paper_fixtures import QUESTIONS, VSR_ROWS, write_vqav2, write_vsr
 from PIL import Image
-from vlmdiff.data import VQA_COLUMNS, keyword_mask, load_split
-from vlmdiff.real_data import (
-    DataFormatError,
-    import_vqav2,
-    import_vsr,
-    vqav2_files,
-)
+from vlmdiff.sources.vqa_vsr import DataFormatError, import_vqav2, import_vsr, vqav2_files
+from vlmdiff.world.layouts import VQA_COLUMNS, keyword_mask, load_split
 
 SPATIAL = ["left", "right", "on top of", "behind"]
 OCR = ["say", "says", "written"]

@@ -11,9 +11,9 @@ import pytest
 from browser import chromium, page_load_problems
 from PIL import Image
 from test_autointerp import CountingBackend, make_evidence, openai_cfg
-from vlmdiff.autointerp import autointerp_job
-from vlmdiff.dashboards import build_dashboards
-from vlmdiff.report import MAX_ROWS, SECTIONS, benchmark_table, build_report, section_of
+from vlmdiff.interp.autointerp import autointerp_job
+from vlmdiff.interp.dashboards import build_dashboards
+from vlmdiff.interp.report import MAX_ROWS, SECTIONS, benchmark_table, build_report, section_of
 
 
 class _Links(HTMLParser):

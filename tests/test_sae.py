@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from vlmdiff.sae import SAEFormatError, TopKSAE, estimate_norm_factor, fvu, l0
+from vlmdiff.sae.topk import SAEFormatError, TopKSAE, estimate_norm_factor, fvu, l0
 
 D_MODEL, D_SAE, K = 16, 64, 5
 

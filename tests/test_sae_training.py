@@ -2,15 +2,8 @@ import math
 
 import pytest
 import torch
-from vlmdiff.sae import TopKSAE, fvu
-from vlmdiff.sae_training import (
-    CHECKPOINT_FILE,
-    Batch,
-    TrainConfig,
-    evaluate,
-    lr_at,
-    train_sae,
-)
+from vlmdiff.sae.topk import TopKSAE, fvu
+from vlmdiff.sae.training import CHECKPOINT_FILE, Batch, TrainConfig, evaluate, lr_at, train_sae
 
 D_MODEL, D_SAE, ACTIVE = 32, 256, 4
 

@@ -4,18 +4,18 @@ import pytest
 import torch
 from datasets import Dataset
 from PIL import Image
-from vlmdiff.models import build_lm, build_vlm, make_processor
-from vlmdiff.sae import TopKSAE
-from vlmdiff.splice import (
+from vlmdiff.hooks import replace_layer_output
+from vlmdiff.inputs import encode_eval_batch
+from vlmdiff.models.build import build_lm, build_vlm, make_processor
+from vlmdiff.models.tokenizer import build_tokenizer
+from vlmdiff.sae.splice import (
     answer_lengths,
-    encode_eval_batch,
     loss_recovered,
     regime_span,
-    replace_layer_output,
     splice_metrics,
     zero_ablation_metrics,
 )
-from vlmdiff.tokenizer import build_tokenizer
+from vlmdiff.sae.topk import TopKSAE
 
 
 @pytest.fixture(scope="module")

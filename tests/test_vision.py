@@ -2,10 +2,17 @@ import json
 
 import pytest
 import torch
-from vlmdiff.data import load_split, write_world
-from vlmdiff.models import build_lm, build_vision_tower, build_vlm, make_image_processor
-from vlmdiff.tokenizer import build_tokenizer
-from vlmdiff.vision import grid_positions, linear_r2, patch_labels, pretrain_vision, unique_images
+from vlmdiff.models.build import build_lm, build_vision_tower, build_vlm, make_image_processor
+from vlmdiff.models.tokenizer import build_tokenizer
+from vlmdiff.models.vision import (
+    grid_positions,
+    linear_r2,
+    patch_labels,
+    pretrain_vision,
+    unique_images,
+)
+from vlmdiff.world.datasets import write_world
+from vlmdiff.world.layouts import load_split
 
 WORLD = {"image_size": 32, "size_range": [8, 11], "colours": ["red", "green", "blue"],
          "max_objects": 3, "tol": 2.0, "near_gap": 4.0, "far_dist": 18.0}

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from vlmdiff.data import VQA_COLUMNS, load_split
-from vlmdiff.models import load_lm, load_vlm
-from vlmdiff.training import prompt_texts
+from vlmdiff.inputs import prompt_texts
+from vlmdiff.models.build import load_lm, load_vlm
+from vlmdiff.world.layouts import VQA_COLUMNS, load_split
 
 pytestmark = pytest.mark.workflow
 
@@ -117,7 +117,7 @@ def test_nothing_left_to_do(root, tiny_run):
 
 
 def test_caches(tiny_run, tiny_config):
-    from vlmdiff.cache import open_cache
+    from vlmdiff.cache.read import open_cache
 
     shards = tiny_config["cache"]["shards"]
     n_val = tiny_config["world"]["sizes"]["val"]
@@ -134,7 +134,7 @@ def test_caches(tiny_run, tiny_config):
 
 
 def test_adaptation_outputs(tiny_run, tiny_config):
-    from vlmdiff.sae import TopKSAE
+    from vlmdiff.sae.topk import TopKSAE
 
     layers = range(tiny_config["lm"]["num_layers"])
     for regime in tiny_config["sae"]["regimes"]:

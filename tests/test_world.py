@@ -9,19 +9,17 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from vlmdiff.world import (
-    BACKGROUND,
+from vlmdiff.world.drawing import BACKGROUND, draw
+from vlmdiff.world.questions import QA, make_questions
+from vlmdiff.world.relations import relation_holds
+from vlmdiff.world.scenes import (
     FAMILIES,
     PALETTE,
-    QA,
     RELATIONS,
     Obj,
     Scene,
     WorldConfig,
     describe,
-    draw,
-    make_questions,
-    relation_holds,
     sample_scene,
 )
 

@@ -1,5 +1,6 @@
 import torch
-from vlmdiff.ablation import ablation_job, eval_config, write_ablation_tables
+from vlmdiff.causal.ablation import ablation_job, eval_config
+from vlmdiff.causal.tables import write_ablation_tables
 from vlmdiff.logs import job_logger
 
 torch.set_num_threads(snakemake.threads)

@@ -1,6 +1,6 @@
 import torch
-from vlmdiff.adaptation import adapt, train_config
 from vlmdiff.logs import job_logger
+from vlmdiff.sae.adaptation import adapt, train_config
 
 torch.set_num_threads(snakemake.threads)
 p, inp, out, w = snakemake.params, snakemake.input, snakemake.output, snakemake.wildcards

@@ -1,8 +1,8 @@
 import pandas as pd
 import xarray as xr
-from vlmdiff.adaptation import final_table, read_histories, regime_summary
 from vlmdiff.logs import job_logger
 from vlmdiff.plots import fig1_fvu_curves, fig5_decoder_cosine, fig6_fvu_per_layer, save
+from vlmdiff.sae.adaptation import final_table, read_histories, regime_summary
 
 log = job_logger(snakemake.log[0])
 inp, out = snakemake.input, snakemake.output

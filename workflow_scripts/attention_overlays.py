@@ -1,6 +1,6 @@
 import torch
+from vlmdiff.causal.overlays import overlay_job
 from vlmdiff.logs import job_logger
-from vlmdiff.overlays import overlay_job
 from vlmdiff.plots import save
 
 torch.set_num_threads(snakemake.threads)

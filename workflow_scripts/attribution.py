@@ -1,5 +1,5 @@
 import torch
-from vlmdiff.attribution import attribution_job
+from vlmdiff.causal.attribution import attribution_job
 from vlmdiff.files import write_netcdf, write_table
 from vlmdiff.logs import job_logger
 

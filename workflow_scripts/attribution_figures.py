@@ -1,5 +1,5 @@
 import xarray as xr
-from vlmdiff.causal_plots import (
+from vlmdiff.causal.figures import (
     fig12_attribution_layers,
     fig13_attribution_heads,
     fig_patching_check,

@@ -1,5 +1,5 @@
 import torch
-from vlmdiff.autointerp import autointerp_job
+from vlmdiff.interp.autointerp import autointerp_job
 from vlmdiff.logs import job_logger
 
 torch.set_num_threads(snakemake.threads)

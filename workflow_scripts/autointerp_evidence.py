@@ -1,6 +1,6 @@
 import torch
-from vlmdiff.evidence import evidence_job
 from vlmdiff.files import atomic_dir
+from vlmdiff.interp.evidence import evidence_job
 from vlmdiff.logs import job_logger
 
 torch.set_num_threads(snakemake.threads)

@@ -1,11 +1,11 @@
-from vlmdiff.autointerp import (
+from vlmdiff.files import atomic_path, write_table
+from vlmdiff.interp.autointerp import (
     f1_comparison,
     fig_autointerp_f1,
     markdown_table,
     read_records,
     records_table,
 )
-from vlmdiff.files import atomic_path, write_table
 from vlmdiff.logs import job_logger
 from vlmdiff.plots import save
 

@@ -1,5 +1,5 @@
 import torch
-from vlmdiff.cache import cache_split
+from vlmdiff.cache.write import cache_split
 from vlmdiff.logs import job_logger
 
 torch.set_num_threads(snakemake.threads)

@@ -1,5 +1,5 @@
 from vlmdiff.logs import job_logger
-from vlmdiff.sources import check_sources, write_check
+from vlmdiff.sources.check import check_sources, write_check
 
 p = snakemake.params
 result = check_sources(p.source, p.layers, p.config_layers)

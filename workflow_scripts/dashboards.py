@@ -1,4 +1,4 @@
-from vlmdiff.dashboards import build_dashboards
+from vlmdiff.interp.dashboards import build_dashboards
 from vlmdiff.logs import job_logger
 
 inp = snakemake.input

@@ -1,5 +1,5 @@
-from vlmdiff.adaptation import decoder_cosines
 from vlmdiff.logs import job_logger
+from vlmdiff.sae.adaptation import decoder_cosines
 
 log = job_logger(snakemake.log[0])
 p, inp = snakemake.params, snakemake.input

@@ -1,16 +1,16 @@
 import torch
-from vlmdiff.data import load_split
-from vlmdiff.evaluation import (
+from vlmdiff.logs import job_logger
+from vlmdiff.models.build import load_lm, load_vlm, resolve_device
+from vlmdiff.models.evaluation import (
     accuracy_table,
     attribute_errors,
     image_token_positions,
     predict_models,
     relation_table,
 )
-from vlmdiff.logs import job_logger
-from vlmdiff.models import load_lm, load_vlm, resolve_device
+from vlmdiff.models.vision import unique_images
 from vlmdiff.plots import accuracy_bars, error_bars, position_lines, save
-from vlmdiff.vision import unique_images
+from vlmdiff.world.layouts import load_split
 
 log = job_logger(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)

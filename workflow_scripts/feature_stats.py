@@ -1,5 +1,5 @@
 import torch
-from vlmdiff.feature_stats import feature_stats_job
+from vlmdiff.features.stats import feature_stats_job
 from vlmdiff.files import write_netcdf
 from vlmdiff.logs import job_logger
 

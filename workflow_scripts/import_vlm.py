@@ -1,6 +1,6 @@
-from vlmdiff.data import write_json
-from vlmdiff.llava_more import import_vlm
 from vlmdiff.logs import job_logger
+from vlmdiff.sources.llava_more import import_vlm
+from vlmdiff.world.datasets import write_json
 
 p, out = snakemake.params, snakemake.output
 summary = import_vlm(

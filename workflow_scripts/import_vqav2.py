@@ -1,9 +1,9 @@
 from pathlib import Path
 
-from vlmdiff.data import write_json
-from vlmdiff.llava_more import resolve_source
 from vlmdiff.logs import job_logger
-from vlmdiff.real_data import import_vqav2, vqav2_patterns
+from vlmdiff.sources.llava_more import resolve_source
+from vlmdiff.sources.vqa_vsr import import_vqav2, vqav2_patterns
+from vlmdiff.world.datasets import write_json
 
 p, out = snakemake.params, snakemake.output
 v = p.vqav2

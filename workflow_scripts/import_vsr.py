@@ -1,7 +1,7 @@
-from vlmdiff.data import write_json
-from vlmdiff.llava_more import resolve_source
 from vlmdiff.logs import job_logger
-from vlmdiff.real_data import import_vsr
+from vlmdiff.sources.llava_more import resolve_source
+from vlmdiff.sources.vqa_vsr import import_vsr
+from vlmdiff.world.datasets import write_json
 
 p, out = snakemake.params, snakemake.output
 v = p.vsr

@@ -1,6 +1,6 @@
 import torch
+from vlmdiff.features.lexical import lexical_job
 from vlmdiff.files import write_table
-from vlmdiff.lexical import lexical_job
 from vlmdiff.logs import job_logger
 
 torch.set_num_threads(snakemake.threads)

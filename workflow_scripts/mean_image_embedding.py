@@ -1,5 +1,5 @@
 import torch
-from vlmdiff.attribution import mean_embedding_job
+from vlmdiff.causal.attribution import mean_embedding_job
 from vlmdiff.files import write_netcdf
 from vlmdiff.logs import job_logger
 

@@ -1,9 +1,15 @@
 import pandas as pd
 import torch
-from vlmdiff.data import load_split, write_json
 from vlmdiff.logs import job_logger
-from vlmdiff.models import build_vision_tower, make_image_processor, resolve_device, save_atomic
-from vlmdiff.vision import pretrain_vision
+from vlmdiff.models.build import (
+    build_vision_tower,
+    make_image_processor,
+    resolve_device,
+    save_atomic,
+)
+from vlmdiff.models.vision import pretrain_vision
+from vlmdiff.world.datasets import write_json
+from vlmdiff.world.layouts import load_split
 
 log = job_logger(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)

@@ -1,7 +1,7 @@
 from pathlib import Path
 
+from vlmdiff.interp.report import build_report
 from vlmdiff.logs import job_logger
-from vlmdiff.report import build_report
 
 inp, p = snakemake.input, snakemake.params
 html = build_report(

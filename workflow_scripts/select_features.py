@@ -1,4 +1,4 @@
-from vlmdiff.features import read_verdicts, selection_job
+from vlmdiff.features.selection import read_verdicts, selection_job
 from vlmdiff.files import write_table
 from vlmdiff.logs import job_logger
 

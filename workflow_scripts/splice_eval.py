@@ -1,7 +1,7 @@
 import torch
 from vlmdiff.files import write_table
 from vlmdiff.logs import job_logger
-from vlmdiff.splice import splice_job
+from vlmdiff.sae.splice import splice_job
 
 torch.set_num_threads(snakemake.threads)
 p = snakemake.params

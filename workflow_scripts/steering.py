@@ -1,6 +1,7 @@
 import torch
-from vlmdiff.ablation import eval_config, steering_job
-from vlmdiff.causal_plots import fig_steering
+from vlmdiff.causal.ablation import eval_config
+from vlmdiff.causal.figures import fig_steering
+from vlmdiff.causal.steering import steering_job
 from vlmdiff.files import write_table
 from vlmdiff.logs import job_logger
 from vlmdiff.plots import save

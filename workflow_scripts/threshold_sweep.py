@@ -1,5 +1,5 @@
 import pandas as pd
-from vlmdiff.features import threshold_sweep
+from vlmdiff.features.selection import threshold_sweep
 from vlmdiff.files import write_table
 from vlmdiff.logs import job_logger
 

@@ -1,6 +1,6 @@
 import torch
-from vlmdiff.adaptation import train_base, train_config
 from vlmdiff.logs import job_logger
+from vlmdiff.sae.adaptation import train_base, train_config
 
 torch.set_num_threads(snakemake.threads)
 p, out = snakemake.params, snakemake.output

@@ -2,10 +2,10 @@ import json
 
 import pandas as pd
 import torch
-from vlmdiff.data import load_split
 from vlmdiff.logs import job_logger
-from vlmdiff.models import resolve_device, save_atomic
-from vlmdiff.training import pretrain_lm
+from vlmdiff.models.build import resolve_device, save_atomic
+from vlmdiff.models.training import pretrain_lm
+from vlmdiff.world.layouts import load_split
 
 log = job_logger(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)

@@ -1,9 +1,9 @@
 import pandas as pd
 import torch
-from vlmdiff.data import load_split
 from vlmdiff.logs import job_logger
-from vlmdiff.models import resolve_device, save_atomic
-from vlmdiff.training import start_vlm_stage, train_vlm_stage
+from vlmdiff.models.build import resolve_device, save_atomic
+from vlmdiff.models.training import start_vlm_stage, train_vlm_stage
+from vlmdiff.world.layouts import load_split
 
 log = job_logger(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)

@@ -1,5 +1,5 @@
 import torch
-from vlmdiff.ablation import vsr_activation_job
+from vlmdiff.causal.ablation import vsr_activation_job
 from vlmdiff.files import write_netcdf
 from vlmdiff.logs import job_logger
 

@@ -1,7 +1,7 @@
 from pathlib import Path
 
-from vlmdiff.data import write_world
 from vlmdiff.logs import job_logger
+from vlmdiff.world.datasets import write_world
 
 p = snakemake.params
 write_world(

@@ -8,8 +8,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+Log = Callable[[str], None]
+"""What jobs and library functions report progress to: one line per call."""
 
-def job_logger(log_path: str | Path | None, name: str = "vlmdiff") -> Callable[[str], None]:
+
+def job_logger(log_path: str | Path | None, name: str = "vlmdiff") -> Log:
     """A `log(msg)` function; the file is the rule's `log:` so progress shows up there."""
     logger = logging.getLogger(f"{name}.{log_path}")
     logger.setLevel(logging.INFO)
@@ -42,7 +45,7 @@ class Progress:
         self,
         name: str,
         total: int,
-        log: Callable[[str], None],
+        log: Log,
         unit: str = "rows",
         every_s: float = 5.0,
     ) -> None:

@@ -1,0 +1,176 @@
+"""Attention overlays of the heads found by attribution patching (paper figures 4, 14, 15, 16).
+
+Each overlay is one head's attention from the prompt tokens (the question and the answer
+position) to the image patches, averaged over those tokens, upsampled to the picture and drawn
+over it. Heads are ranked per feature and method by |score| of one attribution variant.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from vlmdiff.causal.ablation import relation_subset, top_vsr_rows, vsr_split
+from vlmdiff.causal.attention import attention_to_image
+from vlmdiff.causal.attribution import feature_head_scores, head_label, ranked_heads
+from vlmdiff.causal.figures import Overlay, fig14_feature_panels, overlay_grid
+from vlmdiff.logs import Log
+
+
+def recurring_head(ds: xr.Dataset, variant: str, n: int = 3) -> tuple[tuple[int, int] | None,
+                                                                      list[str]]:
+    """The head most often among the top-`n` (either method) across features, and the features
+    that have it there ("related" features); ties go to the larger summed normalised score."""
+    counts: Counter[tuple[int, int]] = Counter()
+    weight: Counter[tuple[int, int]] = Counter()
+    members: dict[tuple[int, int], list[str]] = {}
+    for feat in ds["feature"].values:
+        heads = set()
+        for m in ("A", "B"):
+            grid = abs(feature_head_scores(ds, feat, m, variant))
+            peak = float(grid.max()) or 1.0
+            for h in ranked_heads(grid, n):
+                heads.add(h)
+                weight[h] += float(grid.sel(layer=h[0], head=h[1])) / peak
+        for h in heads:
+            counts[h] += 1
+            members.setdefault(h, []).append(str(feat))
+    if not counts:
+        return None, []
+    best = max(counts, key=lambda h: (counts[h], weight[h]))
+    return best, members[best]
+
+
+class _Samples:
+    """Top-activating VQA and VSR samples of each feature, with their images and questions."""
+
+    def __init__(self, val: Any, vsr: Any, vqa_top: Mapping[str, np.ndarray],
+                 vsr_top: Mapping[str, np.ndarray]) -> None:
+        self.val, self.vsr, self.vqa_top, self.vsr_top = val, vsr, vqa_top, vsr_top
+
+    def picks(self, feat: str, n: int) -> list[tuple[str, Any, str]]:
+        """Up to `n` (source, image, question) pairs per source, VQA first."""
+        out = []
+        for name, ds, top in (("VQA", self.val, self.vqa_top), ("VSR", self.vsr, self.vsr_top)):
+            for r in list(top.get(feat, []))[:n]:
+                row = ds[int(r)]
+                out.append((name, row["image"], row["question"]))
+        return out
+
+
+def overlay_job(
+    vlm_dir: str | Path,
+    attribution_path: str | Path,
+    val_path: str | Path,
+    vsr_path: str | Path,
+    stats_paths: Sequence[str | Path],
+    vsr_acts_path: str | Path,
+    *,
+    variant: str,
+    n_heads: int,
+    samples_per_source: int,
+    top_vsr: int,
+    min_relation_share: float,
+    template: str,
+    custom_queries: Sequence[str],
+    unrelated_queries: Sequence[str],
+    custom_images: int,
+    device: str,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Figures 14, 15, 4 and 16 as matplotlib figures (keys `fig14`, `fig15`, `fig4`,
+    `fig16`) and the top-head table (`heads`)."""
+    from vlmdiff.causal.figures import top_head_summary
+    from vlmdiff.features.selection import top_samples
+    from vlmdiff.models.build import load_vlm, resolve_device
+    from vlmdiff.world.layouts import load_split
+
+    ds = xr.load_dataset(attribution_path)
+    heads_table = top_head_summary(ds, variant, n_heads)
+    feats = [str(f) for f in ds["feature"].values]
+    if not feats:
+        log("no selected features: the overlay figures say so")
+        empty = "no selected features: no heads to draw"
+        return {
+            "fig14": fig14_feature_panels(ds, variant, {}, {}),
+            "fig15": overlay_grid([], "Bottom-ranked heads (control)", [], empty),
+            "fig4": overlay_grid([], "A recurring head across related features", [], empty),
+            "fig16": overlay_grid([], "A high-attribution head under custom queries", [], empty),
+            "heads": heads_table,
+        }
+    dev = resolve_device(device)
+    model, processor = load_vlm(Path(vlm_dir), dev)
+    val = load_split(val_path)
+    vsr, _ = vsr_split(vsr_path, template)
+    acts = xr.load_dataarray(vsr_acts_path)
+    table = pd.DataFrame({"layer": ds["feature_layer"].values,
+                          "feature": ds["feature_index"].values})
+    vqa_rows = top_samples(stats_paths, "val", table, samples_per_source)
+    vqa_top = {f: vqa_rows.get((int(a), int(b)), np.zeros(0, int))
+               for f, a, b in zip(feats, table["layer"], table["feature"], strict=True)}
+    vsr_top = {f: top_vsr_rows(acts, f, top_vsr) for f in feats}
+    relations = {f: ", ".join(relation_subset(np.asarray(vsr["relation"]), vsr_top[f],
+                                              min_relation_share)[0]) for f in feats}
+    samples = _Samples(val, vsr, vqa_top, vsr_top)
+
+    def draw(head: tuple[int, int], picks: Sequence[tuple[str, Any, str]], note: str,
+             queries: Sequence[str] | None = None) -> list[Overlay]:
+        if not picks:
+            return []
+        qs = list(queries) if queries is not None else [q for _, _, q in picks]
+        images = [img for _, img, _ in picks]
+        grids = attention_to_image(model, processor, images, qs, [head], device=dev)
+        return [Overlay(img, grids[i, 0], head, qs[i], f"{note} ({src})")
+                for i, (src, img, _) in enumerate(picks)]
+
+    panels, controls = {}, []
+    for feat in feats:
+        picks = samples.picks(feat, 1)
+        scores = {m: feature_head_scores(ds, feat, m, variant) for m in ("A", "B")}
+        tops = {m: ranked_heads(s, 1)[0] for m, s in scores.items()}
+        bottoms = {m: ranked_heads(s, 1, bottom=True)[0] for m, s in scores.items()}
+        panels[feat] = [o for m in ("A", "B") for o in draw(tops[m], picks, f"top head, {m}")]
+        controls.append([o for m in ("A", "B")
+                         for o in draw(bottoms[m], picks, f"bottom head, {m}")])
+    log(f"overlays for {len(feats)} feature(s): top and bottom heads")
+    out: dict[str, Any] = {"heads": heads_table}
+    out["fig14"] = fig14_feature_panels(ds, variant, panels, relations)
+    out["fig15"] = overlay_grid(
+        controls, "Bottom-ranked heads (control): attention of the lowest-|score| head per "
+        "method on the same top-activating samples", feats, "no overlays")
+
+    head, related = recurring_head(ds, variant, n_heads)
+    assert head is not None
+    owned = [(f, p) for f in related for p in samples.picks(f, 1)][:4]
+    picks = [p for _, p in owned]
+    top_row = draw(head, picks, "recurring head")
+    middle = []
+    for owner, pick in owned:
+        bottom = ranked_heads(feature_head_scores(ds, owner, "B", variant), 1, bottom=True)[0]
+        middle += draw(bottom, [pick], f"bottom head of {owner}")
+    unrelated = [unrelated_queries[i % len(unrelated_queries)] for i in range(len(picks))]
+    bottom_row = draw(head, picks, "unrelated query", unrelated) if unrelated_queries else []
+    out["fig4"] = overlay_grid(
+        [top_row, middle, bottom_row],
+        f"{head_label(*head)} recurs among the top heads of {', '.join(related)}: its "
+        "attention on their top samples (top), bottom-ranked heads (middle), unrelated "
+        "queries (bottom)",
+        [f"{head_label(*head)}, own queries", "bottom-ranked heads", f"{head_label(*head)}, "
+         "unrelated queries"], "no overlays")
+    images = []
+    for f in feats:
+        images += [p for p in samples.picks(f, 1) if p[0] == "VQA"]
+    images = images[:custom_images]
+    rows = [draw(head, [p] * len(custom_queries), "custom query", custom_queries)
+            for p in images]
+    out["fig16"] = overlay_grid(
+        rows, f"{head_label(*head)} (a high-attribution head) under custom queries",
+        [f"image {i + 1}" for i in range(len(rows))], "no images")
+    log(f"recurring head {head_label(*head)} among the top heads of {related}")
+    return out

@@ -1,0 +1,1 @@
+"""Stage 3 (rules/features.smk): feature statistics, the adapted, spatial and OCR sets, the lexical filter."""

@@ -1,0 +1,1 @@
+"""Stage 5 (rules/report.smk): auto-interp evidence and backends, feature dashboards and the report."""

@@ -1,0 +1,189 @@
+"""Feature dashboards: one static HTML page per described feature, and an index.
+
+A page holds the feature's statistics row (features table), its top-activating samples with
+the picture and the prompt tokens shaded by activation, the OVERLAY heat maps, the attribution
+top heads, the ablation row (table 2), and the RAW and OVERLAY descriptions with their F1 and
+classifications. Pictures are copied beside the pages, so the folder opens from disk.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pandas as pd
+from markupsafe import escape
+
+from vlmdiff.files import atomic_dir
+from vlmdiff.interp.autointerp import VARIANTS, read_records
+from vlmdiff.interp.evidence import FeatureEvidence, Sample, read_evidence
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 70em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; }
+.samples { display: flex; flex-wrap: wrap; gap: 1em; }
+.sample { border: 1px solid #ddd; padding: 0.5em; width: 21em; }
+.sample img { width: 144px; height: 144px; image-rendering: pixelated; margin-right: 4px; }
+.tok { padding: 0 2px; border-radius: 3px; }
+.muted { color: #777; font-size: 0.85em; }
+.ok { color: #176317; } .failed { color: #b00; } .skipped { color: #777; }
+"""
+
+PAGE = jinja2.Template("""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ ev.label }} – feature dashboard</title>
+<style>{{ style }}</style></head><body>
+<p><a href="index.html">← all features</a>{% if report %} · <a href="../report.html">report</a>{% endif %}</p>
+<h1>Feature {{ ev.label }}</h1>
+<p>Layer {{ ev.layer }}, feature {{ ev.feature }}; {{ ev.contrast }} contrast, rank {{ ev.rank }}.</p>
+
+<h2>Descriptions (auto-interp)</h2>
+<table><tr><th>variant</th><th>status</th><th>description</th><th>F1</th><th>precision</th>
+<th>recall</th><th>model</th><th>evidence seen</th><th>tokens (prompt / completion)</th></tr>
+{% for v, r in records.items() %}<tr><td>{{ v|upper }}</td>
+<td class="{{ r.status }}">{{ r.status }}{% if r.error %}: {{ r.error }}{% endif %}</td>
+<td>{{ r.description or "–" }}</td><td>{{ fmt(r.f1) }}</td><td>{{ fmt(r.precision) }}</td>
+<td>{{ fmt(r.recall) }}</td><td>{{ r.model }}</td><td>{{ r.evidence|join(", ") }}</td>
+<td>{{ r.usage.prompt_tokens }} / {{ r.usage.completion_tokens }}</td></tr>{% endfor %}
+</table>
+
+<h2>Statistics</h2>
+{{ stats|safe }}
+
+<h2>Attribution top heads</h2>
+{{ heads|safe }}
+
+<h2>Ablation (table 2 row)</h2>
+{{ ablation|safe }}
+
+{% for title, group in groups %}
+<h2>{{ title }}</h2>
+{% if not group %}<p class="muted">none</p>{% endif %}
+<div class="samples">
+{% for s in group %}<div class="sample">
+<div><img src="{{ s.image }}" alt="picture of {{ s.source }} row {{ s.row }}">{% if s.overlay %}<img src="{{ s.overlay }}" alt="heat map of the top heads on {{ s.source }} row {{ s.row }}">{% endif %}</div>
+<div>{% for t, a in shade(s) %}<span class="tok" style="background: rgba(255, 80, 0, {{ a }})" title="{{ t[1] }}">{{ t[0] }}</span> {% endfor %}</div>
+<div class="muted">{{ s.source }} row {{ s.row }}, max activation {{ fmt(s.activation) }}{% if s.scene %}; picture: {{ s.scene }}{% endif %}</div>
+{% if s.overlay_text %}<div class="muted">{{ s.overlay_text }}</div>{% endif %}
+{% for v, c in verdicts(s).items() %}<div class="muted">{{ v|upper }} classified {{ c }}</div>{% endfor %}
+</div>{% endfor %}
+</div>
+{% endfor %}
+</body></html>
+""", autoescape=True)
+
+INDEX = jinja2.Template("""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Feature dashboards</title>
+<style>{{ style }}</style></head><body>
+{% if report %}<p><a href="../report.html">← report</a></p>{% endif %}
+<h1>Feature dashboards</h1>
+{% if not rows %}<p>No selected features were described (EMPTY selection).</p>{% endif %}
+<table><tr><th>feature</th><th>contrast</th><th>rank</th><th>top heads</th>
+{% for v in variants %}<th>{{ v|upper }} description</th><th>F1 {{ v|upper }}</th>{% endfor %}</tr>
+{% for r in rows %}<tr><td><a href="{{ r.page }}">{{ r.label }}</a></td><td>{{ r.contrast }}</td>
+<td>{{ r.rank }}</td><td>{{ r.heads }}</td>
+{% for v in variants %}<td>{{ r[v].description or r[v].status }}</td><td>{{ fmt(r[v].f1) }}</td>{% endfor %}
+</tr>{% endfor %}</table>
+</body></html>
+""", autoescape=True)
+
+
+def fmt(v: Any) -> str:
+    """A number to 3 decimals, "–" where missing."""
+    if v is None or isinstance(v, jinja2.Undefined) or (isinstance(v, float) and v != v):
+        return "–"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def shade(s: Sample) -> list[tuple[tuple[str, str], float]]:
+    """Each prompt token with its activation and an opacity scaled to the sample's maximum."""
+    top = max(s.token_acts, default=0.0) or 1.0
+    return [((t.replace("Ġ", " ").replace("▁", " ").strip() or t, f"{a:.3f}"),
+             round(max(0.0, a) / top * 0.85, 3)) for t, a in zip(s.tokens, s.token_acts, strict=True)]
+
+
+def row_table(table: pd.DataFrame, empty: str) -> str:
+    """`table` (a few rows) as an HTML table, or a note where it is empty."""
+    if table.empty:
+        return f'<p class="muted">{escape(empty)}</p>'
+    body = table.to_html(index=False, border=0, float_format=lambda v: f"{v:.4g}", na_rep="–")
+    return f'<div style="overflow-x: auto">{body}</div>'
+
+
+def _feature_rows(table: pd.DataFrame, ev: FeatureEvidence, label_col: str | None) -> pd.DataFrame:
+    if table.empty:
+        return table
+    if label_col and label_col in table.columns:
+        return table[table[label_col] == ev.label]
+    return table[(table["layer"] == ev.layer) & (table["feature"] == ev.feature)]
+
+
+def _copy_pictures(evs: Sequence[FeatureEvidence], evidence: Path, out: Path) -> None:
+    for ev in evs:
+        for s in ev.examples + ev.positives + ev.negatives:
+            for rel in (s.image, s.overlay):
+                if rel:
+                    (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(evidence / rel, out / rel)
+
+
+def build_dashboards(
+    evidence_dir: str | Path,
+    variant_dirs: Mapping[str, str | Path],
+    features_path: str | Path,
+    heads_path: str | Path,
+    ablation_path: str | Path,
+    out_dir: str | Path,
+    *,
+    link_report: bool = True,
+) -> list[Path]:
+    """The dashboards folder (`index.html`, one `{feature}.html` each, pictures); its pages."""
+    evidence = Path(evidence_dir)
+    evs = read_evidence(evidence)
+    records = {v: {r["feature"]: r for r in read_records(d)} for v, d in variant_dirs.items()}
+    stats = pd.read_parquet(features_path)
+    heads = pd.read_csv(heads_path)
+    ablation = pd.read_csv(ablation_path)
+    pages = []
+    with atomic_dir(out_dir) as tmp:
+        _copy_pictures(evs, evidence, tmp)
+        rows = []
+        for ev in evs:
+            recs = {v: records[v][ev.label] for v in VARIANTS if ev.label in records.get(v, {})}
+            verdict_of = {}
+            for v, r in recs.items():
+                for c in r["classification_results"]:
+                    verdict_of[v, c["source"], c["row"]] = (
+                        f"{c['prediction']} (truth {c['label']}, round {c['round']})")
+
+            def verdicts(s: Sample, _v: dict = verdict_of) -> dict[str, str]:
+                return {v: _v[v, s.source, s.row] for v in VARIANTS if (v, s.source, s.row) in _v}
+
+            feature_heads = _feature_rows(heads, ev, "feature")
+            html = PAGE.render(
+                ev=ev, records=recs, style=STYLE, fmt=fmt, shade=shade, verdicts=verdicts,
+                report=link_report,
+                stats=row_table(_feature_rows(stats, ev, None).T.reset_index().set_axis(
+                    ["statistic", "value"], axis=1), "not in the features table"),
+                heads=row_table(feature_heads, "not scored by the causal stage "
+                                "(causal.contrast / causal.max_features)"),
+                ablation=row_table(_feature_rows(ablation, ev, "feature").loc[
+                    :, lambda t: ~t.columns.duplicated()], "not ablated by the causal stage"),
+                groups=[("Top-activating examples (described)", ev.examples),
+                        ("Held-out top-activating samples (validation positives)", ev.positives),
+                        ("Random D_base samples (validation negatives)", ev.negatives)])
+            page = tmp / f"{ev.label}.html"
+            page.write_text(html)
+            pages.append(Path(out_dir) / page.name)
+            top = " ".join(feature_heads["top_B"].astype(str)) if len(feature_heads) else "–"
+            rows.append({"label": ev.label, "page": page.name, "contrast": ev.contrast,
+                         "rank": ev.rank, "heads": top,
+                         **{v: recs.get(v, {"description": None, "status": "missing", "f1": None})
+                            for v in VARIANTS}})
+        (tmp / "index.html").write_text(INDEX.render(rows=rows, variants=VARIANTS, style=STYLE,
+                                                     fmt=fmt, report=link_report))
+    return pages

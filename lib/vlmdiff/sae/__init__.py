@@ -1,0 +1,1 @@
+"""Stage 2 (rules/sae.smk): the TopK SAE, its training, adaptation to the VLM, and splice evaluation."""

@@ -1,0 +1,475 @@
+"""Training loop for TopK SAEs: base SAEs on a language model, and their adaptation to a VLM.
+
+The same loop serves both: a base SAE starts from `TopKSAE.from_random`, an adapted one from a
+loaded base SAE (warm start). The regime (full / image / text / random) only changes which tokens
+the `loss_mask` of each batch selects; the SAE always encodes every token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from vlmdiff.sae.topk import TopKSAE
+
+CHECKPOINT_FILE = "train_state.pt"
+
+# Fields that may change between a run and its resumption without breaking reproducibility.
+_RESUMABLE_CHANGES = frozenset(
+    {"max_tokens", "eval_every_tokens", "checkpoint_every_tokens", "device", "log_interval_s"}
+)
+
+
+class Batch(NamedTuple):
+    acts: Tensor
+    """Residual-stream activations, `[n, d_model]`, any float dtype."""
+
+    loss_mask: Tensor
+    """Bool `[n]`: the tokens that contribute to the loss (and to token counts)."""
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of `train_sae`; token counts are loss-masked tokens throughout.
+
+    Learning rate: `lr_at(cfg, d_sae, layer) = lr * scale(d_sae) * layer_lr_decay ** layer`, where
+    `scale = 1 / sqrt(d_sae / 2**14)` for `lr_scale_rule="inv_sqrt_d_sae"` (Gao et al. 2024's
+    fit, as in sparsify; with `lr=2e-4` it is their default) or `1` for `"constant"`. The
+    per-layer factor defaults to 1: inputs are already normalised per layer by the dataset-wise
+    norm factor, which removes the usual reason (residual norms grow with depth) for scaling the
+    rate by layer; set it below 1 to take smaller steps in deeper layers.
+    """
+
+    k: int = 50
+    """Active latents per token; overrides the SAE's own `k` (a warm start becomes TopK-k)."""
+
+    lr: float = 2e-4
+    lr_scale_rule: Literal["inv_sqrt_d_sae", "constant"] = "inv_sqrt_d_sae"
+    layer_lr_decay: float = 1.0
+
+    batch_tokens: int = 4096
+    """Most rows per optimiser step; larger incoming batches are split into equal chunks."""
+
+    max_tokens: int | None = None
+    """Stop after this many loss tokens; `None` runs until the batches end."""
+
+    eval_every_tokens: int = 1_000_000
+    auxk_alpha: float = 1 / 32
+    k_aux: int | None = None
+    """Dead latents per token in the AuxK loss; `None` means `d_model // 2`."""
+
+    dead_tokens_threshold: int = 10_000_000
+    """A latent is dead once it has not fired on this many consecutive loss tokens."""
+
+    checkpoint_every_tokens: int | None = None
+    """Checkpoint period; with a checkpoint folder there is always one at the end as well."""
+
+    seed: int = 0
+    device: str = "auto"
+    log_interval_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.k <= 0 or self.batch_tokens <= 0 or self.eval_every_tokens <= 0:
+            raise ValueError("k, batch_tokens and eval_every_tokens must be positive")
+        if self.lr_scale_rule not in ("inv_sqrt_d_sae", "constant"):
+            raise ValueError(f"unknown lr_scale_rule {self.lr_scale_rule!r}")
+        if self.checkpoint_every_tokens is not None and self.checkpoint_every_tokens <= 0:
+            raise ValueError("checkpoint_every_tokens must be positive or None")
+
+
+def lr_at(cfg: TrainConfig, d_sae: int, layer: int) -> float:
+    """The learning rate for one SAE, by the rule in `TrainConfig`'s docstring."""
+    lr = cfg.lr
+    if cfg.lr_scale_rule == "inv_sqrt_d_sae":
+        lr /= math.sqrt(d_sae / 2**14)
+    return lr * cfg.layer_lr_decay**layer
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]]
+    """One row per evaluation: layer, regime, step, tokens_seen, fvu, l0, fired_fraction (on
+    the eval batches; NaN without them), dead_fraction, train_fvu (mean since the last row), lr."""
+
+    tokens_seen: int
+    steps: int
+    resumed_from_tokens: int
+    """Loss tokens already done by the checkpoint this run resumed from (0 if fresh)."""
+
+
+@dataclass
+class _State:
+    step: int
+    tokens_seen: int
+    next_batch: int
+    """Index of the next incoming batch to read."""
+    next_chunk: int
+    """Chunk of that batch to start at; resumption can fall inside a batch."""
+    tokens_since_fired: Tensor
+    history: list[dict[str, Any]]
+    next_eval: int
+    next_checkpoint: int | None
+    interval_fvu: float = 0.0
+    interval_steps: int = 0
+
+
+@torch.no_grad()
+def evaluate(
+    sae: TopKSAE, batches: Iterable[Batch], *, device: torch.device | str | None = None
+) -> dict[str, float]:
+    """FVU and L0 over the loss-masked tokens of `batches`, and the fraction of features fired.
+
+    FVU pools all batches: total squared error over total squared deviation from the pooled mean.
+    """
+    device = sae.device if device is None else torch.device(device)
+    n, l0_sum, sse, sum_sq = 0, 0, 0.0, 0.0
+    sum_x = torch.zeros(sae.d_model, dtype=torch.float64, device=device)
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
+    for acts, mask in batches:
+        x = acts.to(device)
+        m = mask.to(device)
+        top_acts, top_indices, _ = sae.encode(x)
+        x_hat = sae.decode(top_acts, top_indices)
+        xs = x[m].double()
+        sse += float((xs - x_hat[m].double()).pow(2).sum())
+        sum_x += xs.sum(0)
+        sum_sq += float(xs.pow(2).sum())
+        n += xs.shape[0]
+        on = top_acts[m] > 0
+        l0_sum += int(on.sum())
+        fired[top_indices[m][on]] = True
+    if n == 0:
+        return {"fvu": math.nan, "l0": math.nan, "fired_fraction": math.nan, "n_tokens": 0}
+    variance = sum_sq - float(sum_x.pow(2).sum()) / n
+    return {
+        "fvu": sse / variance if variance > 0 else math.nan,
+        "l0": l0_sum / n,
+        "fired_fraction": float(fired.float().mean()),
+        "n_tokens": n,
+    }
+
+
+def train_sae(
+    sae: TopKSAE,
+    batches: Iterable[Batch],
+    cfg: TrainConfig,
+    *,
+    eval_batches: Callable[[], Iterable[Batch]] | None = None,
+    layer: int,
+    regime: str,
+    checkpoint_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train `sae` in place with Adam on the loss-masked tokens: FVU + auxk_alpha * AuxK.
+
+    Decoder columns stay unit norm (gradient parallel to them removed before each step,
+    renormalised after). Evaluates on `eval_batches()` at the start, every `eval_every_tokens`
+    and at the end.
+
+    Resumption: when `checkpoint_dir` holds a checkpoint, the SAE, optimiser, history, dead-latent
+    counters and RNG state are restored from it, and `batches` is read from its beginning with
+    the batches the checkpoint had consumed skipped (read, not trained on). So `batches` must
+    yield the same sequence on every call, e.g. a deterministic reader over cached shards. Only
+    `_RESUMABLE_CHANGES` fields of `cfg` may differ from the checkpointed run; raising
+    `max_tokens` continues a finished run.
+    """
+    device = _resolve_device(cfg.device)
+    sae.to(device)
+    sae.k = cfg.k
+    torch.manual_seed(cfg.seed)
+    lr = lr_at(cfg, sae.d_sae, layer)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    sae.set_decoder_norm_to_unit_norm()
+    tag = f"[layer {layer} {regime}]"
+
+    state = _State(
+        step=0,
+        tokens_seen=0,
+        next_batch=0,
+        next_chunk=0,
+        tokens_since_fired=torch.zeros(sae.d_sae, dtype=torch.long, device=device),
+        history=[],
+        next_eval=cfg.eval_every_tokens,
+        next_checkpoint=cfg.checkpoint_every_tokens,
+    )
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    if ckpt_path is not None and ckpt_path.exists():
+        state = _load_checkpoint(ckpt_path, sae, opt, cfg, layer, regime, device)
+        log(f"{tag} resuming from {ckpt_path} at step {state.step}, {state.tokens_seen:,} tokens")
+    resumed_from = state.tokens_seen
+
+    def record() -> None:
+        ev = (
+            evaluate(sae, eval_batches(), device=device)
+            if eval_batches is not None
+            else {"fvu": math.nan, "l0": math.nan, "fired_fraction": math.nan}
+        )
+        train_fvu = state.interval_fvu / state.interval_steps if state.interval_steps else math.nan
+        state.interval_fvu, state.interval_steps = 0.0, 0
+        state.history.append(
+            {
+                "layer": layer,
+                "regime": regime,
+                "step": state.step,
+                "tokens_seen": state.tokens_seen,
+                "fvu": ev["fvu"],
+                "l0": ev["l0"],
+                "fired_fraction": ev["fired_fraction"],
+                "dead_fraction": _dead_fraction(state, cfg),
+                "train_fvu": train_fvu,
+                "lr": lr,
+            }
+        )
+        log(
+            f"{tag} eval at step {state.step}, {state.tokens_seen:,} tokens: fvu {ev['fvu']:.4f}, "
+            f"l0 {ev['l0']:.1f}, fired {ev['fired_fraction']:.3f}"
+        )
+
+    if not state.history:
+        record()
+
+    t0 = last_log = time.monotonic()
+    tokens_at_start = state.tokens_seen
+
+    def progress(loss: float, fvu: float, auxk: float) -> None:
+        elapsed = max(time.monotonic() - t0, 1e-9)
+        rate = (state.tokens_seen - tokens_at_start) / elapsed
+        line = f"{tag} step {state.step} tokens {state.tokens_seen:,}"
+        if cfg.max_tokens is not None:
+            line += f"/{cfg.max_tokens:,}"
+        line += f" ({rate:,.0f} tok/s"
+        if cfg.max_tokens is not None and rate > 0:
+            eta = max(cfg.max_tokens - state.tokens_seen, 0) / rate
+            line += f", ETA {_fmt_seconds(eta)}"
+        line += (
+            f") loss {loss:.4f} fvu {fvu:.4f} auxk {auxk:.4f} dead {_dead_fraction(state, cfg):.3f}"
+        )
+        log(line)
+
+    def finished() -> bool:
+        return cfg.max_tokens is not None and state.tokens_seen >= cfg.max_tokens
+
+    it = iter(batches)
+    for skipped in range(state.next_batch):
+        if next(it, None) is None:
+            raise ValueError(
+                f"{tag} checkpoint {ckpt_path} has consumed {state.next_batch} batches, "
+                f"but the batches ended after {skipped}"
+            )
+
+    batch_index = state.next_batch
+    while not finished():
+        batch = next(it, None)
+        if batch is None:
+            break
+        acts, mask = batch
+        if acts.ndim != 2 or acts.shape[1] != sae.d_model:
+            raise ValueError(
+                f"{tag} batch {batch_index}: acts of shape {tuple(acts.shape)}, "
+                f"expected [n, {sae.d_model}]"
+            )
+        if mask.dtype != torch.bool or mask.shape != acts.shape[:1]:
+            raise ValueError(
+                f"{tag} batch {batch_index}: loss_mask must be bool [{acts.shape[0]}]"
+                f", got {mask.dtype} {tuple(mask.shape)}"
+            )
+        if not bool(torch.isfinite(acts).all()):
+            raise FloatingPointError(
+                f"layer {layer}, regime {regime!r}, step {state.step + 1}: "
+                f"activations of batch {batch_index} contain NaN or inf"
+            )
+        n_chunks = max(1, math.ceil(acts.shape[0] / cfg.batch_tokens))
+        acts_chunks = torch.tensor_split(acts, n_chunks)
+        mask_chunks = torch.tensor_split(mask, n_chunks)
+
+        for chunk in range(state.next_chunk, n_chunks):
+            x = acts_chunks[chunk].to(device, non_blocking=True)
+            m = mask_chunks[chunk].to(device, non_blocking=True)
+            n_loss = int(m.sum())
+            if n_loss >= 2:  # FVU needs a variance, so at least two tokens
+                loss, fvu, auxk = _step(sae, opt, x, m, n_loss, state, cfg, layer, regime)
+                if time.monotonic() - last_log >= cfg.log_interval_s:
+                    progress(loss, fvu, auxk)
+                    last_log = time.monotonic()
+            state.next_batch, state.next_chunk = (
+                (batch_index, chunk + 1) if chunk + 1 < n_chunks else (batch_index + 1, 0)
+            )
+
+            if state.tokens_seen >= state.next_eval:
+                record()
+                state.next_eval = _next_multiple(state.tokens_seen, cfg.eval_every_tokens)
+            if (
+                ckpt_path is not None
+                and state.next_checkpoint is not None
+                and cfg.checkpoint_every_tokens is not None
+                and state.tokens_seen >= state.next_checkpoint
+            ):
+                _save_checkpoint(ckpt_path, sae, opt, state, cfg, layer, regime)
+                state.next_checkpoint = _next_multiple(
+                    state.tokens_seen, cfg.checkpoint_every_tokens
+                )
+            if finished():
+                break
+        batch_index += 1
+
+    if state.history[-1]["tokens_seen"] != state.tokens_seen:
+        record()
+    if ckpt_path is not None:
+        _save_checkpoint(ckpt_path, sae, opt, state, cfg, layer, regime)
+    elapsed = time.monotonic() - t0
+    log(
+        f"{tag} done: {state.step} steps, {state.tokens_seen:,} tokens "
+        f"({state.tokens_seen - tokens_at_start:,} in {_fmt_seconds(elapsed)})"
+    )
+    return TrainResult(state.history, state.tokens_seen, state.step, resumed_from)
+
+
+def _step(
+    sae: TopKSAE,
+    opt: torch.optim.Optimizer,
+    x: Tensor,
+    m: Tensor,
+    n_loss: int,
+    state: _State,
+    cfg: TrainConfig,
+    layer: int,
+    regime: str,
+) -> tuple[float, float, float]:
+    """One optimiser step; updates the dead-latent counters and token count in `state`."""
+    dead_mask = state.tokens_since_fired >= cfg.dead_tokens_threshold
+    out = sae(x, dead_mask=dead_mask, loss_mask=m, k_aux=cfg.k_aux)
+    loss = out.fvu + cfg.auxk_alpha * out.auxk_loss
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(
+            f"layer {layer}, regime {regime!r}, step {state.step + 1}: loss is {loss_value} "
+            f"(fvu {out.fvu.item()}, auxk {out.auxk_loss.item()})"
+        )
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    opt.step()
+    sae.set_decoder_norm_to_unit_norm()
+
+    with torch.no_grad():
+        acts, indices = out.latent_acts[m], out.latent_indices[m]
+        state.tokens_since_fired += n_loss
+        state.tokens_since_fired[indices[acts > 0]] = 0
+    state.step += 1
+    state.tokens_seen += n_loss
+    fvu = out.fvu.item()
+    state.interval_fvu += fvu
+    state.interval_steps += 1
+    return loss_value, fvu, out.auxk_loss.item()
+
+
+def _dead_fraction(state: _State, cfg: TrainConfig) -> float:
+    return float((state.tokens_since_fired >= cfg.dead_tokens_threshold).float().mean())
+
+
+def _next_multiple(tokens: int, every: int) -> int:
+    """The first multiple of `every` above `tokens`."""
+    return (tokens // every + 1) * every
+
+
+def _save_checkpoint(
+    path: Path,
+    sae: TopKSAE,
+    opt: torch.optim.Optimizer,
+    state: _State,
+    cfg: TrainConfig,
+    layer: int,
+    regime: str,
+) -> None:
+    """Write the full training state to `path` via a temporary file and `os.replace`."""
+    payload = {
+        "sae": {name: t.detach().cpu() for name, t in sae.state_dict().items()},
+        "k": sae.k,
+        "optimizer": opt.state_dict(),
+        "state": {
+            f.name: getattr(state, f.name)
+            for f in dataclasses.fields(state)
+            if f.name != "tokens_since_fired"
+        },
+        "tokens_since_fired": state.tokens_since_fired.cpu(),
+        "rng": {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        "cfg": dataclasses.asdict(cfg),
+        "layer": layer,
+        "regime": regime,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(
+    path: Path,
+    sae: TopKSAE,
+    opt: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    layer: int,
+    regime: str,
+    device: torch.device,
+) -> _State:
+    """Restore SAE, optimiser and RNG from `path`; refuse one written for another run."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} cannot be read: {e}") from e
+    if (payload["layer"], payload["regime"]) != (layer, regime):
+        raise ValueError(
+            f"checkpoint {path} is for layer {payload['layer']} regime {payload['regime']!r}, "
+            f"not layer {layer} regime {regime!r}"
+        )
+    saved, now = payload["cfg"], dataclasses.asdict(cfg)
+    changed = sorted(
+        key
+        for key in now.keys() | saved.keys()
+        if key not in _RESUMABLE_CHANGES and saved.get(key) != now.get(key)
+    )
+    if changed:
+        diffs = ", ".join(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in changed)
+        raise ValueError(f"checkpoint {path} was written with a different config ({diffs})")
+
+    sae.load_state_dict(payload["sae"])
+    sae.k = payload["k"]
+    opt.load_state_dict(payload["optimizer"])
+    torch.set_rng_state(payload["rng"]["cpu"])
+    if payload["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+
+    state = _State(**payload["state"], tokens_since_fired=payload["tokens_since_fired"].to(device))
+    # Periods may differ from the checkpointed run's; every trigger fired before saving.
+    state.next_eval = _next_multiple(state.tokens_seen, cfg.eval_every_tokens)
+    state.next_checkpoint = (
+        _next_multiple(state.tokens_seen, cfg.checkpoint_every_tokens)
+        if cfg.checkpoint_every_tokens is not None
+        else None
+    )
+    return state
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
