@@ -1,4 +1,4 @@
-from vlmdiff.features.ground_truth.ground_truth import ground_truth_job
+from vlmdiff.features.ground_truth import ground_truth_job
 from vlmdiff.files import write_table
 from vlmdiff.logs import job_logger
 
