@@ -73,3 +73,21 @@ def test_log_and_regimes_are_defined_once():
                 if isinstance(t, ast.Name) and t.id in defined:
                     defined[t.id].append(name)
     assert defined == {"Log": ["vlmdiff.logs"], "REGIMES": ["vlmdiff.sae.adaptation"]}
+
+
+def test_workflow_scripts_and_benchmarks_import_names_that_exist():
+    """A renamed or moved function fails here, not after the DAG has run for an hour."""
+    import importlib
+
+    root = LIB.parents[1]
+    missing = []
+    for folder in ("workflow_scripts", "benchmarks", "research"):
+        for path in sorted((root / folder).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not (isinstance(node, ast.ImportFrom) and node.module
+                        and node.module.startswith("vlmdiff")):
+                    continue
+                module = importlib.import_module(node.module)
+                missing += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                            if not hasattr(module, a.name)]
+    assert not missing
