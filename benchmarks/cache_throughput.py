@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 import zarr
 from datasets import Dataset
 from vlmdiff.cache.read import iter_batches
 from vlmdiff.cache.store import HOOK_POINT, LAYER_INDEXING, META_DTYPES
 from vlmdiff.cache.write import write_cache
+from vlmdiff.config import merged_config
 from vlmdiff.hooks import ResidCapture, language_layers
 from vlmdiff.inputs import encode_rows
 from vlmdiff.models.build import build_lm, build_vlm, make_processor
@@ -87,7 +87,7 @@ def hook_cost(model, batches: list[dict], repeats: int, seed: int) -> dict:
 
 def throughput(args: argparse.Namespace, work: Path) -> dict:
     """Bare forward, hooked forward and `write_cache` on the same batches of random images."""
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg = merged_config()
     image_size = cfg["world"]["scene"]["image_size"]
     tok = build_tokenizer(QUESTIONS + [" ".join(cfg["world"]["scene"]["colours"])])
     lm = build_lm(tok, cfg["lm"], seed=0)

@@ -27,8 +27,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 from cache_throughput import _du, synthetic_store  # noqa: E402
+from vlmdiff.config import merged_config  # noqa: E402
 from vlmdiff.features.stats import split_statistics  # noqa: E402
 from vlmdiff.sae.topk import TopKSAE  # noqa: E402
 
@@ -89,7 +89,7 @@ def figure(rows: list[dict], out: Path) -> None:
 
 
 def main() -> None:
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg = merged_config()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[32768, 131072, 524288, 2097152])
     p.add_argument("--d-model", type=int, default=cfg["lm"]["hidden_size"])

@@ -8,8 +8,8 @@ peak memory is its own: on CUDA `torch.cuda.max_memory_allocated`, on CPU the gr
 peak resident set size (`ru_maxrss`) over the resident size before the SAE was built. Both are
 shown next to the analytic size of the parameters and Adam's two moment buffers.
 
-Sizes: `toy` reads d_model, expansion, k and batch tokens from config.yaml (`lm.hidden_size`,
-`sae.expansion`, `sae.k`, `sae.adapt.batch_tokens`); `paper` is d_model 4096, d_sae 32768,
+Sizes: `toy` reads d_model, expansion, k and batch tokens from config.yaml, defaults filled in
+from the schema (`lm.hidden_size`, `sae.expansion`, `sae.k`, `sae.adapt.batch_tokens`); `paper` is d_model 4096, d_sae 32768,
 k 50, batch 4096 tokens. With `--auxk on` (the default) every latent counts as dead, so the
 AuxK term runs on each step at the cost it has whenever at least `k_aux = d_model // 2`
 latents are dead; `--auxk off` times steps with no dead latent. On a CPU one paper-size step
@@ -27,6 +27,7 @@ the regime), and for `--layers` x `--regimes` of them one after the other on the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -43,14 +44,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+from vlmdiff.config import merged_config
 from vlmdiff.sae.topk import TopKSAE
 from vlmdiff.sae.training import Batch, TrainConfig, train_sae
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = ("toy", "paper")
 PAPER = {"d_model": 4096, "d_sae": 32768, "k": 50, "batch_tokens": 4096}
-TOY_FALLBACK = {"d_model": 128, "expansion": 8, "k": 16, "batch_tokens": 2048}
 # (warm-up, timed) steps when --warmup / --steps are not given
 DEFAULT_STEPS = {
     ("toy", "cpu"): (2, 20),
@@ -66,16 +66,13 @@ def size_spec(name: str, config: Path, batch_tokens: int | None) -> dict[str, in
     if name == "paper":
         spec = dict(PAPER)
     elif name == "toy":
-        cfg = yaml.safe_load(config.read_text()) if config.is_file() else {}
-        lm, sae = cfg.get("lm") or {}, cfg.get("sae") or {}
-        d_model = int(lm.get("hidden_size", TOY_FALLBACK["d_model"]))
+        cfg = merged_config(base=config)
+        d_model, sae = cfg["lm"]["hidden_size"], cfg["sae"]
         spec = {
             "d_model": d_model,
-            "d_sae": d_model * int(sae.get("expansion", TOY_FALLBACK["expansion"])),
-            "k": int(sae.get("k", TOY_FALLBACK["k"])),
-            "batch_tokens": int(
-                (sae.get("adapt") or {}).get("batch_tokens", TOY_FALLBACK["batch_tokens"])
-            ),
+            "d_sae": d_model * sae["expansion"],
+            "k": sae["k"],
+            "batch_tokens": sae["adapt"]["batch_tokens"],
         }
     else:
         raise ValueError(f"unknown size {name!r}; choose from {', '.join(SIZES)}")
@@ -109,11 +106,18 @@ def synthetic_batches(spec: dict[str, int], pool: int, loss_fraction: float, see
     return batches
 
 
+def train_config(**fields: Any) -> TrainConfig:
+    """`sae.base`'s recipe, run until the batches end, with the benchmark's own `fields` (which
+    may leave the config's ranges: dead_tokens_threshold 0 runs AuxK at every step)."""
+    base = TrainConfig.from_mapping({}, "sae.base", k=fields["k"], seed=0, device="cpu")
+    return dataclasses.replace(base, max_tokens=None, **fields)
+
+
 def prime(device: torch.device) -> None:
     """Two steps of a tiny SAE, so that the libraries' one-off allocations (kernels, autograd,
     the optimiser's code, the CUDA context) are in place before memory is measured."""
     sae = TopKSAE.from_random(8, 32, 4, seed=0, device=device)
-    cfg = TrainConfig(k=4, batch_tokens=16, dead_tokens_threshold=0, device=str(device))
+    cfg = train_config(k=4, batch_tokens=16, dead_tokens_threshold=0, device=str(device))
     gen = torch.Generator().manual_seed(0)
     batches = [
         Batch(
@@ -146,7 +150,7 @@ def run_size(
     sae = TopKSAE.from_random(
         spec["d_model"], spec["d_sae"], spec["k"], seed=args.seed, device=device
     )
-    cfg = TrainConfig(
+    cfg = train_config(
         k=spec["k"],
         batch_tokens=spec["batch_tokens"],
         eval_every_tokens=2**62,

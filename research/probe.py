@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping, Sequence
 from itertools import combinations
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from datasets import Dataset
+from vlmdiff.config import merged_config, section
 from vlmdiff.files import write_table
 from vlmdiff.inputs import encode_corpus
 from vlmdiff.logs import Log
@@ -72,9 +71,9 @@ def probe_world(scene_cfg: Mapping[str, Any], relations: Sequence[str]) -> World
         )
     weights = {f: float(f == "spatial") for f in FAMILIES}
     min_objects = 3 if set(relations) == {"between"} else 2
-    cfg = dict(scene_cfg, family_weights=weights)
-    cfg["min_objects"] = max(min_objects, int(cfg.get("min_objects", 1)))
-    cfg["max_objects"] = max(cfg["min_objects"], int(cfg.get("max_objects", 4)))
+    cfg = dict(section("world.scene", scene_cfg), family_weights=weights)
+    cfg["min_objects"] = max(min_objects, cfg["min_objects"])
+    cfg["max_objects"] = max(cfg["min_objects"], cfg["max_objects"])
     return WorldConfig.from_mapping(cfg)
 
 
@@ -172,7 +171,7 @@ def run_probe(
     tokenizer = build_tokenizer(texts)
     dev = torch.device(device) if isinstance(device, str) else device
     model = build_lm(tokenizer, lm_cfg, seed).to(dev)
-    ocfg = OptimConfig.from_mapping(lm_cfg["train"])
+    ocfg = OptimConfig.from_mapping(lm_cfg["train"], "lm.train")
     data = encode_corpus(tokenizer, train_ds, lm_cfg["max_len"], "answers")
 
     def evaluate(step: int) -> dict[str, float]:
@@ -250,16 +249,6 @@ def parts_agreement(parts: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _merged_config(configfile: str | None) -> dict[str, Any]:
-    root = Path(__file__).resolve().parents[1]
-    cfg = yaml.safe_load((root / "config.yaml").read_text())
-    if configfile:
-        from snakemake.utils import update_config
-
-        update_config(cfg, yaml.safe_load(Path(configfile).read_text()) or {})
-    return cfg
-
-
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(prog="python research/probe.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -285,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = _merged_config(args.configfile)
+    cfg = merged_config([args.configfile] if args.configfile else [])  # what a run gets
     lm = dict(cfg["lm"], num_layers=args.layers or cfg["lm"]["num_layers"])
     lm["train"] = dict(lm["train"], steps=args.steps, batch_size=args.batch_size,
                        log_every=args.log_every, lr=args.lr or lm["train"]["lr"], length_pool=1)

@@ -70,5 +70,6 @@ def test_tables():
 
 
 def test_train_config_from_section():
-    cfg = train_config({"lr": 1e-3, "max_tokens": 10, "layer_lr_decay": 0.9}, k=4, seed=3, device="cpu")
+    cfg = train_config({"lr": 1e-3, "max_tokens": 10, "layer_lr_decay": 0.9}, "sae.adapt",
+                       k=4, seed=3, device="cpu")
     assert cfg.k == 4 and cfg.seed == 3 and cfg.lr == 1e-3 and cfg.layer_lr_decay == 0.9

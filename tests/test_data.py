@@ -14,7 +14,7 @@ from datasets import Dataset
 from test_world import PHRASE_TO_REL, ref_answer, ref_relation
 from vlmdiff.world.datasets import VAL_ID_OFFSET, write_parquet, write_world
 from vlmdiff.world.layouts import VQA_COLUMNS, check_vqa_columns, keyword_mask, load_split
-from vlmdiff.world.scenes import DEFAULT_FAMILY_WEIGHTS, FAMILIES, RELATIONS
+from vlmdiff.world.scenes import FAMILIES, RELATIONS, WorldConfig
 
 WORDS = "left right above below beside between near far under over behind top bottom"
 SPATIAL = [*WORDS.split(), "next to", "on top of", "in front of"]
@@ -85,7 +85,7 @@ def test_files_and_summary(world: tuple[Path, dict]) -> None:
     assert splits["corpus"] == {**splits["corpus"], "scenes": 40, "questions": 120}
     assert splits["spatial"]["rows"] == table(out / "spatial.parquet").num_rows > 0
     assert splits["ocr"]["rows"] == table(out / "ocr.parquet").num_rows > 0
-    asked = {f for f, w in DEFAULT_FAMILY_WEIGHTS.items() if w > 0}
+    asked = {f for f, w in WorldConfig.default().family_weights.items() if w > 0}
     assert set(splits["train"]["families"]) == asked and asked < set(FAMILIES)
     assert 0.35 < splits["train"]["yes_no"]["yes_fraction"] < 0.65
 
@@ -223,7 +223,7 @@ def test_interrupted_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_bad_arguments_name_the_key(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="'max_objects'"):
+    with pytest.raises(ValueError, match=r"'world\.scene\.max_objects'"):
         write(tmp_path, cfg={"max_objects": 9})
     with pytest.raises(ValueError, match="spatial_keywords"):
         write(tmp_path, spatial_keywords=[])

@@ -117,7 +117,8 @@ def test_training_fits_a_tiny_task(tiny):
                         "num_kv_heads": 1, "max_position": 64}, seed=1)
     seq = torch.tensor(tok("red blue green circle square", add_special_tokens=False).input_ids)
     data = Encoded([seq] * 8, [seq] * 8)
-    cfg = OptimConfig(steps=60, batch_size=4, lr=1e-2, warmup_steps=5, log_every=20)
+    cfg = OptimConfig.from_mapping(
+        {"steps": 60, "batch_size": 4, "lr": 1e-2, "warmup_steps": 5, "log_every": 20}, "lm.train")
     hist = train(lm, list(lm.parameters()), batches(data, 4, tok.pad_token_id, 0), cfg,
                  torch.device("cpu"), "t", log=lambda m: None)
     assert hist[-1]["loss"] < 0.2 * hist[0]["loss"]
@@ -151,10 +152,10 @@ def test_nan_loss_stops_with_tag(tiny):
     with torch.no_grad():
         lm.lm_head.weight.fill_(float("nan"))
     seq = torch.tensor(tok("red blue", add_special_tokens=False).input_ids)
+    cfg = OptimConfig.from_mapping({"steps": 2, "batch_size": 1, "lr": 1e-3}, "lm.train")
     with pytest.raises(FloatingPointError, match="lm-test.*step 1"):
         train(lm, list(lm.parameters()), batches(Encoded([seq], [seq]), 1, 0, 0),
-              OptimConfig(steps=2, batch_size=1, lr=1e-3), torch.device("cpu"), "lm-test",
-              log=lambda m: None)
+              cfg, torch.device("cpu"), "lm-test", log=lambda m: None)
 
 
 def test_predictions_and_accuracy_table(tiny):

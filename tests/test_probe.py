@@ -95,7 +95,8 @@ def test_train_calls_on_log_in_eval_mode_and_records_its_values():
         calls.append((step, lm.training))
         return {"score": float(step)}
 
-    cfg = OptimConfig(steps=5, batch_size=1, lr=1e-3, warmup_steps=1, log_every=2)
+    cfg = OptimConfig.from_mapping(
+        {"steps": 5, "batch_size": 1, "lr": 1e-3, "warmup_steps": 1, "log_every": 2}, "lm.train")
     hist = train(lm, list(lm.parameters()), batches(Encoded([seq], [seq]), 1, 0, 0), cfg,
                  torch.device("cpu"), "t", log=lambda m: None, on_log=on_log)
     assert calls == [(2, False), (4, False), (5, False)]

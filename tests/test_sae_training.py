@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -34,16 +35,10 @@ EVAL = sparse_batches(2, seed=99)
 
 
 def config(**overrides) -> TrainConfig:
-    base = dict(
-        k=ACTIVE,
-        lr=1e-3,
-        batch_tokens=512,
-        eval_every_tokens=10_000,
-        dead_tokens_threshold=1024,
-        log_interval_s=1e9,
-        device="cpu",
-    )
-    return TrainConfig(**{**base, **overrides})
+    section = {"lr": 1e-3, "batch_tokens": 512, "eval_every_tokens": 10_000,
+               "dead_tokens_threshold": 1024}
+    base = TrainConfig.from_mapping(section, "sae.base", k=ACTIVE, seed=0, device="cpu")
+    return dataclasses.replace(base, **{"max_tokens": None, "log_interval_s": 1e9, **overrides})
 
 
 def train(sae: TopKSAE, batches, cfg: TrainConfig, **kw):
@@ -52,10 +47,11 @@ def train(sae: TopKSAE, batches, cfg: TrainConfig, **kw):
 
 
 def test_lr_rule():
-    cfg = TrainConfig(lr=2e-4)
+    cfg = TrainConfig.from_mapping({"lr": 2e-4}, "sae.base", k=ACTIVE, seed=0, device="cpu")
     assert lr_at(cfg, 2**14, layer=7) == pytest.approx(2e-4)
     assert lr_at(cfg, 2**16, layer=0) == pytest.approx(1e-4)
-    cfg = TrainConfig(lr=1e-3, lr_scale_rule="constant", layer_lr_decay=0.5)
+    cfg = TrainConfig.from_mapping({"lr": 1e-3, "lr_scale_rule": "constant", "layer_lr_decay": 0.5},
+                                   "sae.base", k=ACTIVE, seed=0, device="cpu")
     assert lr_at(cfg, 2**16, layer=2) == pytest.approx(2.5e-4)
 
 

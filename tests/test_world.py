@@ -16,6 +16,7 @@ from vlmdiff.world.scenes import (
     FAMILIES,
     PALETTE,
     RELATIONS,
+    SHAPES,
     Obj,
     Scene,
     WorldConfig,
@@ -23,7 +24,7 @@ from vlmdiff.world.scenes import (
     sample_scene,
 )
 
-CFG = WorldConfig()
+CFG = WorldConfig.default()
 TOL, NEAR, FAR, GRID = 3.0, 6.0, 28.0, 8
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +269,7 @@ def test_scene_sampling_invariants() -> None:
 
 
 def test_scene_json_round_trip() -> None:
-    scene = sample_scene(np.random.default_rng(1), WorldConfig(text_prob=1.0, min_objects=3))
+    scene = sample_scene(np.random.default_rng(1), WorldConfig.from_mapping({"text_prob": 1.0, "min_objects": 3}))
     again = Scene.from_dict(json.loads(json.dumps(scene.to_dict())))
     assert again == scene
 
@@ -305,7 +306,7 @@ def test_config_from_mapping_and_errors() -> None:
         "unknown": ({"colour": ["red"]}, "colour"),
         "colour": ({"colours": ["red", "mauve"]}, "colours"),
         "fit": ({"max_objects": 8}, "max_objects"),
-        "pairs": ({"max_objects": 4, "shapes": ["circle"], "colours": ["red", "blue"]}, "max_"),
+        "shapes": ({"shapes": ["circle", "square"]}, "world.scene.shapes"),  # 3 x 3 > 8 objects
         "size": ({"size_range": [20, 12]}, "size_range"),
         "prob": ({"text_prob": 1.5}, "text_prob"),
         "letters": ({"letters": "ab"}, "letters"),
@@ -316,6 +317,24 @@ def test_config_from_mapping_and_errors() -> None:
     for mapping, key in bad.values():
         with pytest.raises(ValueError, match=re.escape(key)):
             WorldConfig.from_mapping(mapping)
+
+
+def test_config_is_the_schema_section() -> None:
+    """Defaults and names come from schemas/config.schema.yaml's world.scene, nowhere else."""
+    from vlmdiff.config import section
+
+    assert WorldConfig.default().to_dict() == section("world.scene")
+    scene = section("world.scene")
+    assert set(scene["family_weights"]) == set(FAMILIES)
+    with pytest.raises(ValueError, match=r"'world\.scene\.max_objects'"):
+        WorldConfig.from_mapping({"min_objects": 3, "max_objects": 2})
+    with pytest.raises(ValueError, match=r"'world\.scene\.colours\.1'"):
+        WorldConfig.from_mapping({"colours": ["red", "mauve", "blue"]})
+    from vlmdiff.config import _section
+
+    props = _section("world.scene")[0]["properties"]
+    assert props["colours"]["items"]["enum"] == list(PALETTE)
+    assert props["shapes"]["items"]["enum"] == list(SHAPES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,7 +470,7 @@ def test_describe_format_and_grid() -> None:
         ),
         48,
     )
-    cfg = WorldConfig(colours=("red", "orange", "blue"))
+    cfg = WorldConfig.from_mapping({"colours": ["red", "orange", "blue"]})
     text = describe(scene, cfg)
     assert text == (
         "a red circle with the letter k at column 2 row 7 . an orange square at column 8 row 1 ."

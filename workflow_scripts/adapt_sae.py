@@ -11,7 +11,7 @@ history = adapt(
     inp.base,
     inp.train,
     inp.val,
-    train_config(p.train, p.k, p.seed + layer, p.device),
+    train_config(p.train, "sae.adapt", p.k, p.seed + layer, p.device),
     p.eval_tokens,
     out.sae,
     p.checkpoint_dir,

@@ -9,7 +9,7 @@ history = train_base(
     layer,
     snakemake.input.train,
     snakemake.input.val,
-    train_config(p.train, p.k, p.seed + layer, p.device),
+    train_config(p.train, "sae.base", p.k, p.seed + layer, p.device),
     p.expansion,
     p.eval_tokens,
     out.sae,

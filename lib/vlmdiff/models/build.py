@@ -19,6 +19,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from vlmdiff.config import section
 from vlmdiff.files import atomic_dir
 from vlmdiff.inputs import CHAT_TEMPLATE
 from vlmdiff.models.tokenizer import IMAGE_TOKEN
@@ -96,7 +97,7 @@ def build_vision_tower(vision_cfg: Mapping[str, Any], image_size: int, seed: int
 
 def init_positions(tower: torch.nn.Module, vision_cfg: Mapping[str, Any]) -> None:
     """`position_init: sincos` overwrites the random patch positions with 2-D sin-cos codes."""
-    if vision_cfg.get("position_init", "sincos") != "sincos":
+    if section("vision", vision_cfg)["position_init"] != "sincos":
         return
     emb = tower.embeddings
     grid = emb.image_size // emb.patch_size

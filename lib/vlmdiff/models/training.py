@@ -14,6 +14,7 @@ import torch
 from datasets import Dataset
 from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
+from vlmdiff import config
 from vlmdiff.inputs import (
     Encoded,
     collate,
@@ -32,36 +33,38 @@ from vlmdiff.models.build import (
     projector,
 )
 from vlmdiff.models.tokenizer import build_tokenizer
+from vlmdiff.world.scenes import Scene, WorldConfig, describe
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Step-based AdamW with linear warm-up and cosine decay."""
+    """Step-based AdamW with linear warm-up and cosine decay: the shared keys of the `lm.train`,
+    `vision.pretrain` and `vlm.stage1/2` sections, whose defaults and ranges are the schema's."""
 
     steps: int
     batch_size: int
     lr: float
-    warmup_steps: int = 50
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    log_every: int = 25
-    length_pool: int = 1
+    warmup_steps: int
+    weight_decay: float
+    grad_clip: float
+    log_every: int
+    length_pool: int
 
     @classmethod
-    def from_mapping(cls, d: Mapping[str, Any]) -> OptimConfig:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+    def from_mapping(cls, d: Mapping[str, Any] | None, where: str) -> OptimConfig:
+        """From the config section `where` (e.g. "lm.train"), checked against the schema with
+        that section's defaults filled in; its other keys (loss_on, data, ...) are left out."""
+        return config.build(cls, where, d)
 
 
 CAPTION_PROMPT = "describe the image ."
 
 
-def caption_text(scene_json: str, scene_cfg: Mapping[str, Any]) -> str:
+def caption_text(scene_json: str, world: WorldConfig) -> str:
     """The scene's description with objects in reading order (top to bottom, left to right)."""
-    from vlmdiff.world.scenes import Scene, WorldConfig, describe
-
     scene = Scene.from_dict(json.loads(scene_json))
     ordered = Scene(tuple(sorted(scene.objects, key=lambda o: (o.y, o.x))), scene.image_size)
-    return describe(ordered, WorldConfig.from_mapping(scene_cfg))
+    return describe(ordered, world)
 
 
 def with_captions(ds: Dataset, scene_cfg: Mapping[str, Any], keep_questions: bool = False) -> Dataset:
@@ -83,13 +86,14 @@ def with_captions(ds: Dataset, scene_cfg: Mapping[str, Any], keep_questions: boo
             is_caption += [False] * (b - a)
     part = ds.select(rows)
     questions, answers, scenes = part["question"], part["multiple_choice_answer"], part["scene"]
+    world = WorldConfig.from_mapping(scene_cfg)
     return Dataset.from_dict(
         {
             "image": part["image"],
             "image_id": part["image_id"] if "image_id" in ds.column_names else rows,
             "question": [CAPTION_PROMPT if c else q for c, q in zip(is_caption, questions, strict=True)],
             "multiple_choice_answer": [
-                caption_text(sc, scene_cfg) if c else a
+                caption_text(sc, world) if c else a
                 for c, a, sc in zip(is_caption, answers, scenes, strict=True)
             ],
         },
@@ -234,12 +238,13 @@ def pretrain_lm(
     """Build the tokenizer, then train a fresh Llama LM on the scene corpus."""
     tokenizer = build_tokenizer(vocabulary_texts(corpus, vqa, vsr, prompts, scene_cfg))
     log(f"vocabulary: {len(tokenizer)} tokens")
-    data = encode_corpus(tokenizer, corpus, lm_cfg["max_len"], lm_cfg["train"].get("loss_on", "answers"))
+    train_cfg = config.section("lm.train", lm_cfg["train"])
+    data = encode_corpus(tokenizer, corpus, lm_cfg["max_len"], train_cfg["loss_on"])
     lengths = [len(t) for t in data.input_ids]
     log(f"corpus: {len(data)} documents, {sum(lengths)} tokens, max length {max(lengths)}")
     model = build_lm(tokenizer, lm_cfg, seed).to(device)
     log(f"LM: {sum(p.numel() for p in model.parameters()):,} parameters")
-    ocfg = OptimConfig.from_mapping(lm_cfg["train"])
+    ocfg = OptimConfig.from_mapping(train_cfg, "lm.train")
     it = batches(data, ocfg.batch_size, tokenizer.pad_token_id, seed, ocfg.length_pool)
     history = train(model, list(model.parameters()), it, ocfg, device, "lm", log)
     return model, tokenizer, history
@@ -259,18 +264,18 @@ def train_vlm_stage(
     """One LLaVA training stage on the stage's `data`: `captions` (one description per
     training image), `questions` (the VQA conversations) or `both` (each conversation opens
     with the image's description)."""
-    data_kind = optim_cfg.get("data", "questions")
-    if data_kind not in ("captions", "questions", "both"):
-        raise ValueError(f"stage {stage}: data must be captions, questions or both, got {data_kind!r}")
+    where = f"vlm.stage{stage}"
+    stage_cfg = config.section(where, optim_cfg)
+    data_kind = stage_cfg["data"]
     if data_kind != "questions":
         if scene_cfg is None:
             raise ValueError(f"stage {stage}: captions need the world's scene config")
         train_ds = with_captions(train_ds, scene_cfg, keep_questions=data_kind == "both")
         log(f"stage {stage}: {data_kind}, {len(train_ds)} rows, e.g. caption {train_ds[0]['multiple_choice_answer']!r}")
     data = encode_vqa(processor, train_ds, log=log)
-    params = set_stage_trainable(vlm, stage, optim_cfg.get("train_vision", True))
+    params = set_stage_trainable(vlm, stage, stage == 2 or stage_cfg["train_vision"])
     log(f"stage {stage}: {sum(p.numel() for p in params):,} trainable parameters")
-    ocfg = OptimConfig.from_mapping(optim_cfg)
+    ocfg = OptimConfig.from_mapping(stage_cfg, where)
     it = batches(data, ocfg.batch_size, processor.tokenizer.pad_token_id, seed, ocfg.length_pool)
     vlm.to(device)
     history = train(vlm, params, it, ocfg, device, f"vlm stage {stage}", log)

@@ -26,6 +26,7 @@ import torch
 from datasets import Dataset
 from transformers import CLIPVisionModel
 
+from vlmdiff import config
 from vlmdiff.inputs import image_groups
 from vlmdiff.logs import Log
 from vlmdiff.models.training import OptimConfig, train
@@ -34,7 +35,8 @@ from vlmdiff.models.training import OptimConfig, train
 def patch_labels(
     scenes: Sequence[str], world: Mapping[str, Any], image_size: int, patch_size: int
 ) -> dict[str, torch.Tensor]:
-    """Per-patch targets, row-major over the `image_size // patch_size` grid.
+    """Per-patch targets, row-major over the `image_size // patch_size` grid (`world`: the
+    `world.scene` config section).
 
     `object`: index of the (colour, shape) pair whose centre lies in the patch, or
     `n_pairs` for none; `letter`: 1 + index of its letter in `world.letters`, 0 for none or
@@ -42,7 +44,7 @@ def patch_labels(
     no centre lies.
     """
     colours, shapes = list(world["colours"]), list(world["shapes"])
-    letters = world.get("letters", "ABCDEFHKLMNPRSTXZ")
+    letters = config.section("world.scene", world)["letters"]
     grid = image_size // patch_size
     n_pairs = len(colours) * len(shapes)
     obj = torch.full((len(scenes), grid * grid), n_pairs, dtype=torch.long)
@@ -137,6 +139,8 @@ def pretrain_vision(
     """Train `tower` in place on per-patch targets of `ds`'s images; returns the loss history
     and held-out per-patch accuracies (the last 10% of images, at most 1000)."""
     ds = unique_images(ds)
+    world = config.section("world.scene", world)
+    optim_cfg = config.section("vision.pretrain", optim_cfg)
     size, patch = tower.config.image_size, tower.config.patch_size
     pixels = torch.as_tensor(
         np.stack(image_processor(list(ds["image"]))["pixel_values"]), dtype=torch.float16
@@ -147,11 +151,11 @@ def pretrain_vision(
     probe = PatchProbe(
         tower,
         len(world["colours"]) * len(world["shapes"]),
-        len(world.get("letters", "ABCDEFHKLMNPRSTXZ")),
-        float(optim_cfg.get("position_weight", 0.0)),
+        len(world["letters"]),
+        optim_cfg["position_weight"],
     ).to(device)
     log(f"vision pretraining: {n_train} images, {n_held} held out, {labels['object'].shape[1]} patches each")
-    cfg = OptimConfig.from_mapping(optim_cfg)
+    cfg = OptimConfig.from_mapping(optim_cfg, "vision.pretrain")
     train_labels = {k: v[:n_train] for k, v in labels.items()}
     it = _batches(pixels[:n_train], train_labels, cfg.batch_size, seed)
     history = train(probe, list(probe.parameters()), it, cfg, device, "vision", log)

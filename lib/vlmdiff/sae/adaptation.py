@@ -33,11 +33,11 @@ def loss_regime(regime: str) -> str:
     return "full" if regime == "random" else regime
 
 
-def train_config(cfg: Mapping[str, Any], k: int, seed: int, device: str) -> TrainConfig:
-    """A TrainConfig from a `sae.base` / `sae.adapt` config section."""
-    fields = TrainConfig.__dataclass_fields__
-    kwargs = {name: cfg[name] for name in fields if name in cfg}
-    return TrainConfig(**kwargs, k=k, seed=seed, device=device)
+def train_config(
+    cfg: Mapping[str, Any], where: str, k: int, seed: int, device: str
+) -> TrainConfig:
+    """A TrainConfig from the `sae.base` or `sae.adapt` config section (`where`)."""
+    return TrainConfig.from_mapping(cfg, where, k=k, seed=seed, device=device)
 
 
 def _stream(paths: Sequence[Path], layer: int, cfg: TrainConfig, regime: str, seed: int):

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -19,6 +19,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from vlmdiff import config
 from vlmdiff.sae.topk import TopKSAE
 
 CHECKPOINT_FILE = "train_state.pt"
@@ -41,49 +42,55 @@ class Batch(NamedTuple):
 class TrainConfig:
     """Hyperparameters of `train_sae`; token counts are loss-masked tokens throughout.
 
+    The fields from `lr` to `checkpoint_every_tokens` are the keys of the `sae.base` and
+    `sae.adapt` config sections, whose defaults and ranges are the schema's: build one with
+    `from_mapping`.
+
     Learning rate: `lr_at(cfg, d_sae, layer) = lr * scale(d_sae) * layer_lr_decay ** layer`, where
     `scale = 1 / sqrt(d_sae / 2**14)` for `lr_scale_rule="inv_sqrt_d_sae"` (Gao et al. 2024's
-    fit, as in sparsify; with `lr=2e-4` it is their default) or `1` for `"constant"`. The
-    per-layer factor defaults to 1: inputs are already normalised per layer by the dataset-wise
-    norm factor, which removes the usual reason (residual norms grow with depth) for scaling the
-    rate by layer; set it below 1 to take smaller steps in deeper layers.
+    fit, as in sparsify; with `lr=2e-4` it is their default) or `1` for `"constant"`. A per-layer
+    factor of 1 keeps one rate for every layer: inputs are already normalised per layer by the
+    dataset-wise norm factor, which removes the usual reason (residual norms grow with depth) for
+    scaling the rate by layer; below 1, deeper layers take smaller steps.
     """
 
-    k: int = 50
-    """Active latents per token; overrides the SAE's own `k` (a warm start becomes TopK-k)."""
+    k: int
+    """Active latents per token (`sae.k`); overrides the SAE's own `k` (a warm start becomes TopK-k)."""
 
-    lr: float = 2e-4
-    lr_scale_rule: Literal["inv_sqrt_d_sae", "constant"] = "inv_sqrt_d_sae"
-    layer_lr_decay: float = 1.0
+    lr: float
+    lr_scale_rule: Literal["inv_sqrt_d_sae", "constant"]
+    layer_lr_decay: float
 
-    batch_tokens: int = 4096
+    batch_tokens: int
     """Most rows per optimiser step; larger incoming batches are split into equal chunks."""
 
-    max_tokens: int | None = None
+    max_tokens: int | None
     """Stop after this many loss tokens; `None` runs until the batches end."""
 
-    eval_every_tokens: int = 1_000_000
-    auxk_alpha: float = 1 / 32
+    eval_every_tokens: int
+    auxk_alpha: float
+
+    dead_tokens_threshold: int
+    """A latent is dead once it has not fired on this many consecutive loss tokens."""
+
+    checkpoint_every_tokens: int | None
+    """Checkpoint period; with a checkpoint folder there is always one at the end as well."""
+
+    seed: int
+    device: str
+
     k_aux: int | None = None
     """Dead latents per token in the AuxK loss; `None` means `d_model // 2`."""
 
-    dead_tokens_threshold: int = 10_000_000
-    """A latent is dead once it has not fired on this many consecutive loss tokens."""
-
-    checkpoint_every_tokens: int | None = None
-    """Checkpoint period; with a checkpoint folder there is always one at the end as well."""
-
-    seed: int = 0
-    device: str = "auto"
     log_interval_s: float = 30.0
 
-    def __post_init__(self) -> None:
-        if self.k <= 0 or self.batch_tokens <= 0 or self.eval_every_tokens <= 0:
-            raise ValueError("k, batch_tokens and eval_every_tokens must be positive")
-        if self.lr_scale_rule not in ("inv_sqrt_d_sae", "constant"):
-            raise ValueError(f"unknown lr_scale_rule {self.lr_scale_rule!r}")
-        if self.checkpoint_every_tokens is not None and self.checkpoint_every_tokens <= 0:
-            raise ValueError("checkpoint_every_tokens must be positive or None")
+    @classmethod
+    def from_mapping(
+        cls, d: Mapping[str, Any] | None, where: str, *, k: int, seed: int, device: str
+    ) -> TrainConfig:
+        """From the config section `where` ("sae.base" or "sae.adapt"), checked against the
+        schema with that section's defaults filled in."""
+        return config.build(cls, where, d, k=k, seed=seed, device=device)
 
 
 def lr_at(cfg: TrainConfig, d_sae: int, layer: int) -> float:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+from vlmdiff import config
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -51,15 +53,6 @@ RELATION_PHRASES: dict[str, tuple[str, ...]] = {
     "next to": ("next to", "beside"),
     "far from": ("far from", "far away from"),
     "between": ("between",),
-}
-DEFAULT_FAMILY_WEIGHTS: dict[str, float] = {
-    "spatial": 0.4,
-    "colour": 0.12,
-    "shape": 0.12,
-    "count": 0.1,
-    "existence": 0.1,
-    "ocr": 0.16,
-    "position": 0.0,
 }
 _PLACE_TRIES = 512
 _PLACE_BATCH = 128
@@ -120,47 +113,43 @@ class Scene:
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """Sampling, drawing and relation parameters of the shapes world (lengths in pixels).
+    """Sampling, drawing and relation parameters of the shapes world (lengths in pixels): the
+    `world.scene` config section. Its keys, defaults and ranges are the schema's
+    (schemas/config.schema.yaml); build one with `from_mapping` or `default`.
 
     size_range: full side of an object's bounding box; text_prob: chance an object carries one
     of `letters`; tol: position ties (see `relation_holds`); near_gap: largest box gap for
     "next to"; far_dist: smallest centre distance for "far from"; text_grid: cells per axis in
     `describe`; min_gap: smallest box separation between sampled objects (negative allows that
     much overlap); font: a TrueType file for letters (PIL's built-in font when None);
-    family_weights: relative frequency of question families (keys of a partial
-    mapping override `DEFAULT_FAMILY_WEIGHTS`).
+    family_weights: relative frequency of question families.
     """
 
-    image_size: int = 48
-    min_objects: int = 1
-    max_objects: int = 4
-    shapes: tuple[str, ...] = ("circle", "square", "triangle")
-    colours: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple")
-    size_range: tuple[float, float] = (12.0, 18.0)
-    text_prob: float = 0.35
-    letters: str = "ABCDEFHKLMNPRSTXZ"
-    tol: float = 3.0
-    near_gap: float = 6.0
-    far_dist: float = 28.0
-    text_grid: int = 8
-    family_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FAMILY_WEIGHTS))
-    min_gap: float = 1.0
-    font: str | None = None
+    image_size: int
+    min_objects: int
+    max_objects: int
+    shapes: tuple[str, ...]
+    colours: tuple[str, ...]
+    size_range: tuple[float, float]
+    text_prob: float
+    letters: str
+    tol: float
+    near_gap: float
+    far_dist: float
+    text_grid: int
+    family_weights: dict[str, float]
+    min_gap: float
+    font: str | None
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any] | None = None) -> WorldConfig:
-        """Build from a plain mapping (e.g. the `world:` block of the workflow config)."""
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"world config: unknown key(s) {unknown}; known: {sorted(known)}")
-        if "family_weights" in d:
-            fw = d["family_weights"]
-            if not isinstance(fw, Mapping):
-                raise _fail("family_weights", "must be a mapping family -> weight", fw)
-            d["family_weights"] = {**DEFAULT_FAMILY_WEIGHTS, **fw}
-        return cls(**d)
+        """From a plain mapping (the `world.scene` block of the workflow config), checked
+        against the schema with its defaults filled in (a partial `family_weights` too)."""
+        return config.build(cls, SECTION, d)
+
+    @classmethod
+    def default(cls) -> WorldConfig:
+        return cls.from_mapping({})
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -169,64 +158,23 @@ class WorldConfig:
         return d
 
     def __post_init__(self) -> None:
-        _coerce(self)
-        _validate(self)
+        _check(self)
 
 
-def _fail(key: str, msg: str, value: Any) -> ValueError:
-    return ValueError(f"world config key {key!r}: {msg} (got {value!r})")
+SECTION = "world.scene"
 
 
-def _coerce(cfg: WorldConfig) -> None:
-    """Normalise container and number types in place (the dataclass is frozen)."""
-    for key in ("image_size", "min_objects", "max_objects", "text_grid"):
-        v = getattr(cfg, key)
-        is_int = isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-        if not (is_int or (isinstance(v, float) and v.is_integer())):
-            raise _fail(key, "must be an integer", v)
-        object.__setattr__(cfg, key, int(v))
-    for key in ("text_prob", "tol", "near_gap", "far_dist", "min_gap"):
-        v = getattr(cfg, key)
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.number)):
-            raise _fail(key, "must be a number", v)
-        object.__setattr__(cfg, key, float(v))
-    for key in ("shapes", "colours"):
-        v = getattr(cfg, key)
-        if isinstance(v, str) or not isinstance(v, Sequence):
-            raise _fail(key, "must be a list of names", v)
-        object.__setattr__(cfg, key, tuple(str(s) for s in v))
-    sr = cfg.size_range
-    if isinstance(sr, str) or not isinstance(sr, Sequence) or len(sr) != 2:
-        raise _fail("size_range", "must be [min, max]", sr)
-    object.__setattr__(cfg, "size_range", (float(sr[0]), float(sr[1])))
-    if not isinstance(cfg.letters, str):
-        raise _fail("letters", "must be a string of capital letters", cfg.letters)
-    if not isinstance(cfg.family_weights, Mapping):
-        raise _fail("family_weights", "must be a mapping family -> weight", cfg.family_weights)
-    object.__setattr__(cfg, "family_weights", {str(k): v for k, v in cfg.family_weights.items()})
+def _fail(key: str, msg: str, value: Any) -> config.ConfigError:
+    return config.ConfigError(f"config key '{SECTION}.{key}': {msg} (got {value!r})")
 
 
-def _validate(cfg: WorldConfig) -> None:
-    if cfg.image_size < 8:
-        raise _fail("image_size", "must be >= 8", cfg.image_size)
-    for key, names, known in (("shapes", cfg.shapes, SHAPES), ("colours", cfg.colours, PALETTE)):
-        if not names:
-            raise _fail(key, "must not be empty", names)
-        if len(set(names)) != len(names):
-            raise _fail(key, "must not repeat a name", names)
-        bad = [n for n in names if n not in known]
-        if bad:
-            raise _fail(key, f"unknown {bad}; supported: {list(known)}", names)
-    if cfg.min_objects < 1:
-        raise _fail("min_objects", "must be >= 1", cfg.min_objects)
+def _check(cfg: WorldConfig) -> None:
+    """What the schema cannot say: rules between keys."""
     if cfg.max_objects < cfg.min_objects:
         raise _fail("max_objects", f"must be >= min_objects ({cfg.min_objects})", cfg.max_objects)
-    n_pairs = len(cfg.shapes) * len(cfg.colours)
-    if cfg.max_objects > n_pairs:
-        raise _fail("max_objects", f"must be <= #colours x #shapes ({n_pairs})", cfg.max_objects)
     lo, hi = cfg.size_range
-    if not 0 < lo <= hi <= cfg.image_size:
-        raise _fail("size_range", f"need 0 < min <= max <= image_size ({cfg.image_size})", [lo, hi])
+    if not lo <= hi <= cfg.image_size:
+        raise _fail("size_range", f"need min <= max <= image_size ({cfg.image_size})", [lo, hi])
     if not -lo < cfg.min_gap < cfg.image_size:
         raise _fail("min_gap", f"must lie in (-{lo}, image_size)", cfg.min_gap)
     # Objects fit if a grid of cells of side (max size + gap) holds max_objects; this also keeps
@@ -239,31 +187,8 @@ def _validate(cfg: WorldConfig) -> None:
             f"do not reliably fit in {cfg.image_size} px; lower size_range or max_objects",
             cfg.max_objects,
         )
-    if not 0.0 <= cfg.text_prob <= 1.0:
-        raise _fail("text_prob", "must lie in [0, 1]", cfg.text_prob)
-    letters = cfg.letters
-    if (
-        not letters
-        or not all("A" <= ch <= "Z" for ch in letters)
-        or len(set(letters)) != len(letters)
-    ):
-        raise _fail("letters", "must be distinct capitals A-Z, at least one", letters)
-    for key in ("tol", "near_gap"):
-        if getattr(cfg, key) < 0:
-            raise _fail(key, "must be >= 0", getattr(cfg, key))
-    if cfg.far_dist <= 0:
-        raise _fail("far_dist", "must be > 0", cfg.far_dist)
-    if cfg.text_grid < 1:
-        raise _fail("text_grid", "must be >= 1", cfg.text_grid)
-    fw = cfg.family_weights
-    bad = [k for k in fw if k not in FAMILIES]
-    if bad:
-        raise _fail("family_weights", f"unknown families {bad}; known: {list(FAMILIES)}", fw)
-    for k, v in fw.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-            raise _fail(f"family_weights.{k}", "must be a number >= 0", v)
-    if sum(fw.values()) <= 0:
-        raise _fail("family_weights", "need at least one positive weight", fw)
+    if sum(cfg.family_weights.values()) <= 0:
+        raise _fail("family_weights", "need at least one positive weight", cfg.family_weights)
 
 
 # ---------------------------------------------------------------------------------------------
