@@ -8,11 +8,15 @@ from PIL import Image
 from vlmdiff.hooks import language_layers
 from vlmdiff.inputs import IGNORE, Encoded, collate, encode_corpus, encode_vqa, user_prompt
 from vlmdiff.models.build import (
+    POSITION_CODE_KEY,
     build_lm,
     build_vlm,
+    image_position_table,
     load_vlm,
     make_processor,
+    projector,
     save_atomic,
+    set_image_position_code,
     sincos_2d,
 )
 from vlmdiff.models.evaluation import (
@@ -25,6 +29,7 @@ from vlmdiff.models.evaluation import (
 )
 from vlmdiff.models.tokenizer import IMAGE_TOKEN, build_tokenizer
 from vlmdiff.models.training import OptimConfig, batches, set_stage_trainable, train, with_captions
+from vlmdiff.models.vision import patch_place_r2
 
 TEXTS = ["is the red circle left of the blue square ?", "what color is the circle ?",
          "yes no red blue green circle square triangle"]
@@ -322,3 +327,67 @@ def test_image_token_positions_tell_where_a_patch_is(tiny, tiny_config):
         assert last["r2_row"] > last["r2_column"] + 0.15
     finally:
         vlm.load_state_dict(saved)
+
+
+def _image_embeddings(vlm, proc, images):
+    """The layer-0 image token embeddings (the projector's output, code included) and logits."""
+    seen = []
+    handle = projector(vlm).register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    texts = [proc.apply_chat_template(user_prompt("what color is the circle ?", with_image=True),
+                                      add_generation_prompt=True)] * len(images)
+    batch = proc(text=texts, images=images, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = vlm(**batch).logits
+    handle.remove()
+    return seen[0], logits
+
+
+@pytest.fixture(scope="module")
+def coded(tiny_config):
+    tok = build_tokenizer(TEXTS)
+    lm = build_lm(tok, tiny_config["lm"], seed=0)
+    size = tiny_config["world"]["scene"]["image_size"]
+    proc = make_processor(tok, size, tiny_config["vision"]["patch_size"])
+    plain = build_vlm(lm, tok, tiny_config["vision"], size, seed=0).eval()
+    vlm = build_vlm(lm, tok, tiny_config["vision"], size, seed=0, position_code="sincos2d",
+                    position_scale=1.5).eval()
+    return plain, vlm, proc, _images(24, size)
+
+
+def test_image_position_code_adds_a_fixed_scaled_code_and_none_adds_nothing(coded):
+    plain, vlm, proc, images = coded
+    assert getattr(plain.config, POSITION_CODE_KEY) == "none"
+    assert not hasattr(projector(plain), "position_code")
+    base, _ = _image_embeddings(plain, proc, images)
+    with_code, _ = _image_embeddings(vlm, proc, images)
+    grid = int(base.shape[1] ** 0.5)
+    table = image_position_table(grid, base.shape[-1])
+    assert torch.allclose(table.mean(0), torch.zeros(base.shape[-1]), atol=1e-6)
+    assert table.norm(dim=1).mean() == pytest.approx(1.0)
+    # the same weights: the difference is the table, 1.5 times the content's mean token norm
+    expected = 1.5 * base.norm(dim=-1).mean() * table
+    assert torch.allclose(with_code - base, expected.expand_as(base), atol=1e-5)
+    # the code is no parameter: the weights are those of a plain LLaVA
+    assert set(vlm.state_dict()) == set(plain.state_dict())
+
+
+def test_image_position_code_survives_save_and_load(coded, tmp_path):
+    _, vlm, proc, images = coded
+    save_atomic([vlm, proc], tmp_path / "vlm")
+    saved = json.loads((tmp_path / "vlm" / "config.json").read_text())
+    assert saved[POSITION_CODE_KEY] == "sincos2d"
+    loaded, loaded_proc = load_vlm(tmp_path / "vlm")
+    before, logits = _image_embeddings(vlm, proc, images)
+    after, logits_loaded = _image_embeddings(loaded, loaded_proc, images)
+    assert torch.allclose(before, after, atol=1e-6)
+    assert torch.allclose(logits, logits_loaded, atol=1e-5)
+    with pytest.raises(ValueError, match="image_position_code must be one of"):
+        set_image_position_code(loaded, "onehot", 1.0)
+
+
+def test_image_tokens_say_their_column_and_row_with_the_code(coded):
+    plain, vlm, proc, images = coded
+    col, row = patch_place_r2(_image_embeddings(vlm, proc, images)[0])
+    assert col >= 0.9 and row >= 0.9
+    plain_col, plain_row = patch_place_r2(_image_embeddings(plain, proc, images)[0])
+    assert plain_col < col and plain_row < row

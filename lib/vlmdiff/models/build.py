@@ -131,9 +131,12 @@ def build_vlm(
     seed: int,
     attn_implementation: str = "eager",
     vision_tower: CLIPVisionModel | None = None,
+    position_code: str = "none",
+    position_scale: float = 1.0,
 ) -> LlavaForConditionalGeneration:
     """Wrap a trained LM with a CLIP vision tower (fresh, or `vision_tower`'s weights) and a
-    fresh 2-layer GELU projector."""
+    fresh 2-layer GELU projector; `position_code` adds a fixed code of each patch's place to
+    the projector's output (`set_image_position_code`)."""
     torch.manual_seed(seed)
     n_patches = (image_size // vision_cfg["patch_size"]) ** 2
     config = LlavaConfig(
@@ -158,6 +161,7 @@ def build_vlm(
     vlm.lm_head.load_state_dict(lm.lm_head.state_dict())
     vlm.generation_config.pad_token_id = tokenizer.pad_token_id
     vlm.generation_config.eos_token_id = tokenizer.eos_token_id
+    set_image_position_code(vlm, position_code, position_scale)
     return vlm
 
 
@@ -176,6 +180,58 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
     return torch.cat([encode(cols), encode(rows)], dim=1)
+
+
+# ------------------------------------------------------------------ image position code
+
+IMAGE_POSITION_CODES = ("none", "sincos2d")
+# config.json keys: a saved VLM says which code its projector adds, so every load restores it
+POSITION_CODE_KEY, POSITION_SCALE_KEY = "vlmdiff_image_position_code", "vlmdiff_image_position_scale"
+
+
+def image_position_table(grid: int, dim: int) -> torch.Tensor:
+    """`sincos_2d` of a `grid x grid` patch grid, centred over the patches and scaled to a mean
+    row norm of 1, `[grid * grid, dim]`: it moves no token's mean and has a fixed loudness."""
+    table = sincos_2d(grid, dim)
+    table = table - table.mean(dim=0, keepdim=True)
+    return table / table.norm(dim=1).mean()
+
+
+def set_image_position_code(vlm: torch.nn.Module, code: str, scale: float) -> None:
+    """Add a fixed, parameter-free code of each patch's column and row to every image token
+    after the projector, `scale` times the projected content's mean token norm (computed per
+    forward pass, so training can neither wipe the code nor drown it). It is recorded in the
+    VLM's config, so `load_vlm` restores it from a saved folder. `none` adds nothing."""
+    if code not in IMAGE_POSITION_CODES:
+        raise ValueError(f"vlm.image_position_code must be one of {IMAGE_POSITION_CODES}, "
+                         f"got {code!r}")
+    if scale < 0:
+        raise ValueError(f"vlm.image_position_scale must be >= 0, got {scale}")
+    setattr(vlm.config, POSITION_CODE_KEY, code)
+    setattr(vlm.config, POSITION_SCALE_KEY, float(scale))
+    attach_image_position_code(vlm)
+
+
+def attach_image_position_code(vlm: torch.nn.Module) -> None:
+    """Hook the code that `vlm`'s config names onto its projector (once)."""
+    code = getattr(vlm.config, POSITION_CODE_KEY, "none")
+    proj = projector(vlm)
+    if code == "none" or hasattr(proj, "position_code"):
+        return
+    n = int(vlm.config.image_seq_length)
+    grid = int(round(n**0.5))
+    if grid * grid != n:
+        raise ValueError(f"image_position_code needs a square patch grid, got {n} image tokens")
+    dim = vlm.config.get_text_config().hidden_size
+    # not persistent: the table follows from the config, so the weights stay plain LLaVA ones
+    proj.register_buffer("position_code", image_position_table(grid, dim), persistent=False)
+    scale = float(getattr(vlm.config, POSITION_SCALE_KEY))
+
+    def add_code(module: torch.nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
+        loud = out.detach().norm(dim=-1).mean()
+        return out + (scale * loud) * module.position_code.to(out.dtype)
+
+    proj.register_forward_hook(add_code)
 
 
 def projector(model: torch.nn.Module) -> torch.nn.Module:
@@ -210,10 +266,12 @@ def load_vlm(
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = "eager",
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """The VLM (with its image position code, if it has one) and its processor."""
     path = _existing(path)
     kwargs = _kwargs(attn_implementation, dtype)
-    model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs).to(device).eval()
-    return model, AutoProcessor.from_pretrained(path)
+    model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
+    attach_image_position_code(model)
+    return model.to(device).eval(), AutoProcessor.from_pretrained(path)
 
 
 def load_vision_tower(path: Path) -> CLIPVisionModel:
