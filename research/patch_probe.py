@@ -18,7 +18,6 @@ left-of questions about scenes drawn apart from the training scenes.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from vlmdiff.config import merged_config
 from vlmdiff.files import write_table
 from vlmdiff.inputs import user_prompt
 from vlmdiff.logs import Log
@@ -40,9 +40,6 @@ from vlmdiff.models.tokenizer import IMAGE_TOKEN, build_tokenizer
 from vlmdiff.world.drawing import draw
 from vlmdiff.world.relations import relation_holds
 from vlmdiff.world.scenes import Scene, WorldConfig, grid_cell, sample_scene
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from probe import _merged_config  # noqa: E402
 
 # arm -> (code scale, column questions per left-of question)
 ARMS: dict[str, tuple[float, float]] = {
@@ -265,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--out", default="benchmarks/out/patch_probe.csv")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = _merged_config(args.configfile)
+    cfg = merged_config([args.configfile] if args.configfile else [])
     feats, qas, heldout = probe_data(cfg["world"]["scene"], args.tower, args.train_scenes,
                                      args.val_scenes, args.seed, print)
     rows = []
