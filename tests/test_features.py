@@ -12,7 +12,7 @@ import zarr
 from datasets import Dataset
 from PIL import Image
 from vlmdiff.cache.store import HOOK_POINT
-from vlmdiff.features.ground_truth.ground_truth import ground_truth
+from vlmdiff.features.ground_truth import ground_truth
 from vlmdiff.features.selection import (
     adapted_mask,
     candidate_mask,
