@@ -88,7 +88,7 @@ if TRAIN_MODELS:
             seed=config["seed"],
             device=config["device"],
         script:
-            "../workflow_scripts/train_vlm.py"
+            "../workflow_scripts/train_vlm_stage1.py"
 
     rule train_vlm_stage2:
         """LLaVA stage 2: everything trained, the language model included."""
@@ -115,7 +115,7 @@ if TRAIN_MODELS:
             seed=config["seed"] + 1,
             device=config["device"],
         script:
-            "../workflow_scripts/train_vlm.py"
+            "../workflow_scripts/train_vlm_stage2.py"
 
     rule eval_models:
         """Held-out accuracy per question family, and of the spatial questions per relation: LM

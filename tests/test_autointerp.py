@@ -418,8 +418,8 @@ def test_openai_job_f1_images_and_tokens(tmp_path, monkeypatch):
     outs = {"raw": tmp_path / "raw", "overlay": tmp_path / "overlay"}
     with ScriptedServer(default=oracle) as srv:
         srv.script = [("status", 429)]  # the first call is rate-limited
-        recs = autointerp_job(evidence, outs, tmp_path / "cache", openai_cfg(srv.url), seed=0,
-                              log=lambda m: None)
+        recs = autointerp_job(evidence_dir=evidence, out=outs, cache_dir=tmp_path / "cache",
+                              cfg=openai_cfg(srv.url), seed=0, log=lambda m: None)
         headers_ok = all(r["model"] == "test-model" for r in srv.requests)
     assert headers_ok
     # 2 features x 2 variants x (1 description + 2 rounds) + the retried 429
@@ -477,14 +477,14 @@ def test_interrupted_run_resumes_and_finished_features_are_not_asked_again(tmp_p
     cfg = openai_cfg("http://127.0.0.1:9/v1")
     first = CountingBackend(stop_after=7)  # 2 features done (3 calls each), the third cut off
     with pytest.raises(KeyboardInterrupt):
-        autointerp_job(evidence, outs, tmp_path / "cache", cfg, seed=0,
-                       make_backend=lambda c, d: first, log=lambda m: None)
+        autointerp_job(evidence_dir=evidence, out=outs, cache_dir=tmp_path / "cache", cfg=cfg,
+                       seed=0, make_backend=lambda c, d: first, log=lambda m: None)
     assert not outs["raw"].exists()  # no output that looks complete
     cached = list((tmp_path / "cache/raw").glob("*.json"))
     assert len(cached) == 2
     second = CountingBackend()
-    recs = autointerp_job(evidence, outs, tmp_path / "cache", cfg, seed=0,
-                          make_backend=lambda c, d: second, log=lambda m: None)
+    recs = autointerp_job(evidence_dir=evidence, out=outs, cache_dir=tmp_path / "cache", cfg=cfg,
+                          seed=0, make_backend=lambda c, d: second, log=lambda m: None)
     assert second.calls == 3  # only the unfinished feature (OVERLAY has no heads: skipped)
     assert [r["cached"] for r in recs["raw"]] == [True, True, False]
     assert all(r["status"] == "skipped" for r in recs["overlay"])
@@ -493,8 +493,8 @@ def test_interrupted_run_resumes_and_finished_features_are_not_asked_again(tmp_p
     def refuse(c, d):
         raise AssertionError("a finished run must not load a backend")
 
-    again = autointerp_job(evidence, outs, tmp_path / "cache", cfg, seed=0, make_backend=refuse,
-                           log=lambda m: None)
+    again = autointerp_job(evidence_dir=evidence, out=outs, cache_dir=tmp_path / "cache", cfg=cfg,
+                           seed=0, make_backend=refuse, log=lambda m: None)
     assert all(r["cached"] for r in again["raw"])
     assert json.loads((outs["raw"] / "summary.json").read_text())["usage_all_records"] == {
         "prompt_tokens": 3 * 3 * 7, "completion_tokens": 3 * 3 * 3, "calls": 9}
@@ -512,7 +512,8 @@ def test_failed_features_are_not_cached(tmp_path):
             return Reply("I think it is about left", 1, 1)
 
     broken = Broken()
-    recs = autointerp_job(evidence, outs, tmp_path / "cache", openai_cfg("http://x/v1"), seed=0,
+    recs = autointerp_job(evidence_dir=evidence, out=outs, cache_dir=tmp_path / "cache",
+                          cfg=openai_cfg("http://x/v1"), seed=0,
                           make_backend=lambda c, d: broken, log=lambda m: None)
     assert recs["raw"][0]["status"] == "failed" and broken.calls == 2
     assert "no valid reply" in recs["raw"][0]["error"]
@@ -550,7 +551,8 @@ def test_openai_requests_in_flight_are_bounded(tmp_path):
         return oracle(body)
 
     with ScriptedServer(default=slow_oracle) as srv:
-        recs = autointerp_job(evidence, {"raw": tmp_path / "raw"}, tmp_path / "cache",
-                              openai_cfg(srv.url, concurrency=2), seed=0, log=lambda m: None)
+        recs = autointerp_job(evidence_dir=evidence, out={"raw": tmp_path / "raw"},
+                              cache_dir=tmp_path / "cache", cfg=openai_cfg(srv.url, concurrency=2),
+                              seed=0, log=lambda m: None)
     assert all(r["status"] == "ok" for r in recs["raw"])
     assert len(srv.requests) == 9 and state["peak"] == 2  # 3 features in parallel, at most 2

@@ -2,6 +2,7 @@
 with the Slurm executor), the import rules run, and model/SAE mismatches stop the run early."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -64,7 +65,10 @@ def snakemake(root, workdir, *args, configfiles=()):
            "--directory", str(workdir), *args]
     if configfiles:
         cmd += ["--configfile", *map(str, configfiles)]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    # the preset's auto-interp talks to api.openai.com, whose key the DAG's backend check asks
+    # for; these runs plan or import, and never call it
+    env = {**os.environ, "OPENAI_API_KEY": os.environ.get("OPENAI_API_KEY") or "sk-not-used"}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
 
 
 def job_counts(stdout):

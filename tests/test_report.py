@@ -66,7 +66,8 @@ def described(tmp_path):
     evidence.mkdir()
     make_evidence(evidence, 2)
     outs = {"raw": tmp_path / "raw", "overlay": tmp_path / "overlay"}
-    autointerp_job(evidence, outs, tmp_path / "cache", openai_cfg("http://x/v1"), seed=0,
+    autointerp_job(evidence_dir=evidence, out=outs, cache_dir=tmp_path / "cache",
+                   cfg=openai_cfg("http://x/v1"), seed=0,
                    make_backend=lambda c, d: CountingBackend(), log=lambda m: None)
     pd.DataFrame({"layer": [0, 0, 1], "feature": [0, 1, 0], "c_f": [0.91, 0.42, 0.5],
                   "E_v": [0.03, 0.02, 0.0]}).to_parquet(tmp_path / "features.parquet")

@@ -1,20 +1,20 @@
-import torch
-from vlmdiff.logs import job_logger
-from vlmdiff.sae.adaptation import adapt, train_config
+from vlmdiff.logs import start_job
+from vlmdiff.sae.adaptation import adapt_sae_job
 
-torch.set_num_threads(snakemake.threads)
-p, inp, out, w = snakemake.params, snakemake.input, snakemake.output, snakemake.wildcards
-layer = int(w.layer)
-history = adapt(
-    layer,
-    w.regime,
-    inp.base,
-    inp.train,
-    inp.val,
-    train_config(p.train, "sae.adapt", p.k, p.seed + layer, p.device),
-    p.eval_tokens,
-    out.sae,
-    p.checkpoint_dir,
-    log=job_logger(snakemake.log[0]),
+log = start_job(snakemake.log[0], snakemake.threads)
+inp, p, w = snakemake.input, snakemake.params, snakemake.wildcards
+adapt_sae_job(
+    layer=int(w.layer),
+    regime=w.regime,
+    base_dir=inp.base,
+    train_paths=list(inp.train),
+    eval_paths=list(inp.val),
+    train=p.train,
+    k=p.k,
+    eval_tokens=p.eval_tokens,
+    seed=p.seed,
+    device=p.device,
+    checkpoint_dir=p.checkpoint_dir,
+    out=dict(snakemake.output.items()),
+    log=log,
 )
-history.to_csv(out.history, index=False)

@@ -1,10 +1,14 @@
-import torch
 from vlmdiff.interp.autointerp import autointerp_job
-from vlmdiff.logs import job_logger
+from vlmdiff.logs import start_job
 
-torch.set_num_threads(snakemake.threads)
-p, out = snakemake.params, snakemake.output
+log = start_job(snakemake.log[0], snakemake.threads)
+p = snakemake.params
 autointerp_job(
-    snakemake.input.evidence, {"raw": out.raw, "overlay": out.overlay}, p.cache, p.backend,
-    seed=p.seed, device=p.device, log=job_logger(snakemake.log[0]),
+    evidence_dir=snakemake.input.evidence,
+    out=dict(snakemake.output.items()),
+    cache_dir=p.cache,
+    cfg=p.backend,
+    seed=p.seed,
+    device=p.device,
+    log=log,
 )

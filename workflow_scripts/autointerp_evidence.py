@@ -1,16 +1,31 @@
-import torch
-from vlmdiff.files import atomic_dir
-from vlmdiff.interp.evidence import evidence_job
-from vlmdiff.logs import job_logger
+from vlmdiff.interp.evidence import EvidenceSettings, autointerp_evidence_job
+from vlmdiff.logs import start_job
 
-torch.set_num_threads(snakemake.threads)
+log = start_job(snakemake.log[0], snakemake.threads)
 inp, p = snakemake.input, snakemake.params
-with atomic_dir(snakemake.output.evidence) as tmp:
-    evidence_job(
-        inp.vlm, inp.val, inp.spatial, inp.vsr, list(inp.stats), inp.selected,
-        dict(zip(p.layers, inp.saes, strict=True)), inp.scores, tmp, contrasts=p.contrasts,
-        max_features=p.max_features, k=p.k, holdout=p.holdout, negatives=p.negatives,
-        negative_max_fraction=p.negative_max_fraction, n_heads=p.n_heads, variant=p.variant,
-        template=p.template, batch_size=p.batch_size, seed=p.seed, device=p.device,
-        log=job_logger(snakemake.log[0]),
-    )
+autointerp_evidence_job(
+    vlm_dir=inp.vlm,
+    val_path=inp.val,
+    spatial_path=inp.spatial,
+    vsr_path=inp.vsr,
+    stats_paths=list(inp.stats),
+    selected_path=inp.selected,
+    sae_dirs=dict(zip(p.layers, inp.saes, strict=True)),
+    attribution_path=inp.scores,
+    settings=EvidenceSettings(
+        contrasts=p.contrasts,
+        max_features=p.max_features,
+        k=p.k,
+        holdout=p.holdout,
+        negatives=p.negatives,
+        negative_max_fraction=p.negative_max_fraction,
+        n_heads=p.n_heads,
+        variant=p.variant,
+        template=p.template,
+        batch_size=p.batch_size,
+        seed=p.seed,
+        device=p.device,
+    ),
+    out=dict(snakemake.output.items()),
+    log=log,
+)

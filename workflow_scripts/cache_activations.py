@@ -1,13 +1,11 @@
-import torch
-from vlmdiff.cache.write import cache_split
-from vlmdiff.logs import job_logger
+from vlmdiff.cache.write import cache_activations_job
+from vlmdiff.logs import start_job
 
-torch.set_num_threads(snakemake.threads)
+log = start_job(snakemake.log[0], snakemake.threads)
 p = snakemake.params
-cache_split(
-    snakemake.input.model,
-    snakemake.input.split,
-    snakemake.output.store,
+cache_activations_job(
+    model_dir=snakemake.input.model,
+    split_path=snakemake.input.split,
     mode=p.mode,
     text_source=p.text_source,
     max_samples=p.max_samples,
@@ -16,5 +14,6 @@ cache_split(
     max_len=p.max_len,
     seed=p.seed,
     device=p.device,
-    log=job_logger(snakemake.log[0]),
+    out=dict(snakemake.output.items()),
+    log=log,
 )

@@ -1,7 +1,12 @@
-from vlmdiff.logs import job_logger
-from vlmdiff.sources.check import check_sources, write_check
+from vlmdiff.logs import start_job
+from vlmdiff.sources.check import check_sources_job
 
+log = start_job(snakemake.log[0])
 p = snakemake.params
-result = check_sources(p.source, p.layers, p.config_layers)
-job_logger(snakemake.log[0])(f"sources fit: {result}")
-write_check(result, snakemake.output.check)
+check_sources_job(
+    source=p.source,
+    layers=p.layers,
+    config_layers=p.config_layers,
+    out=dict(snakemake.output.items()),
+    log=log,
+)

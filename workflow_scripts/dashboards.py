@@ -1,11 +1,17 @@
-from vlmdiff.interp.dashboards import build_dashboards
-from vlmdiff.logs import job_logger
+from vlmdiff.interp.dashboards import dashboards_job
+from vlmdiff.logs import start_job
 
+log = start_job(snakemake.log[0])
 inp = snakemake.input
-named = dict(inp.items())
 # no RAW / OVERLAY folders when auto-interp is switched off (autointerp.backend: none)
-variants = {v: named[v] for v in ("raw", "overlay") if v in named}
-pages = build_dashboards(
-    inp.evidence, variants, inp.features, inp.heads, inp.ablation, snakemake.output.pages,
+named = dict(inp.items())
+dashboards_job(
+    evidence_dir=inp.evidence,
+    features_path=inp.features,
+    heads_path=inp.heads,
+    ablation_path=inp.ablation,
+    raw_dir=named.get("raw"),
+    overlay_dir=named.get("overlay"),
+    out=dict(snakemake.output.items()),
+    log=log,
 )
-job_logger(snakemake.log[0])(f"{len(pages)} feature dashboard(s) and an index")

@@ -1,10 +1,13 @@
-from vlmdiff.logs import job_logger
-from vlmdiff.sae.adaptation import decoder_cosines
+from vlmdiff.logs import start_job
+from vlmdiff.sae.adaptation import decoder_cosine_job
 
-log = job_logger(snakemake.log[0])
+log = start_job(snakemake.log[0])
 p, inp = snakemake.params, snakemake.input
-base = dict(zip(p.layers, inp.base, strict=True))
-pairs = [(r, layer) for r in p.regimes for layer in p.layers]
-cos = decoder_cosines(base, dict(zip(pairs, inp.adapted, strict=True)))
-cos.to_netcdf(snakemake.output.netcdf)
-log(cos.mean("feature").to_pandas().round(3).to_string())
+decoder_cosine_job(
+    layers=p.layers,
+    regimes=p.regimes,
+    base_dirs=list(inp.base),
+    adapted_dirs=list(inp.adapted),
+    out=dict(snakemake.output.items()),
+    log=log,
+)

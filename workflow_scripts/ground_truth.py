@@ -1,16 +1,15 @@
 from vlmdiff.features.ground_truth import ground_truth_job
-from vlmdiff.files import write_table
-from vlmdiff.logs import job_logger
+from vlmdiff.logs import start_job
 
-inp, out, p = snakemake.input, snakemake.output, snakemake.params
-per_feature, summary = ground_truth_job(
-    inp.features,
-    list(inp.stats),
-    inp.val,
-    p.contrasts,
+log = start_job(snakemake.log[0])
+inp, p = snakemake.input, snakemake.params
+ground_truth_job(
+    table_path=inp.features,
+    stats_paths=list(inp.stats),
+    val_path=inp.val,
+    contrasts=p.contrasts,
     n_random=p.random_features,
     seed=p.seed,
-    log=job_logger(snakemake.log[0]),
+    out=dict(snakemake.output.items()),
+    log=log,
 )
-write_table(per_feature, out.per_feature)
-write_table(summary, out.summary)

@@ -1,15 +1,14 @@
-from vlmdiff.logs import job_logger
-from vlmdiff.sources.llava_more import import_vlm
-from vlmdiff.world.datasets import write_json
+from vlmdiff.logs import start_job
+from vlmdiff.sources.llava_more import import_vlm_job
 
-p, out = snakemake.params, snakemake.output
-summary = import_vlm(
-    p.source,
-    out.model,
+log = start_job(snakemake.log[0])
+p = snakemake.params
+import_vlm_job(
+    source=p.source,
     key=p.key,
     revision=p.revision,
     vision_tower=p.vision_tower,
     base_lm=p.base_lm,
-    log=job_logger(snakemake.log[0]),
+    out=dict(snakemake.output.items()),
+    log=log,
 )
-write_json(summary, out.summary)

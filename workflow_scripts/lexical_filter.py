@@ -1,16 +1,14 @@
-import torch
-from vlmdiff.features.lexical import lexical_job
-from vlmdiff.files import write_table
-from vlmdiff.logs import job_logger
+from vlmdiff.features.lexical import lexical_filter_job
+from vlmdiff.logs import start_job
 
-torch.set_num_threads(snakemake.threads)
+log = start_job(snakemake.log[0], snakemake.threads)
 inp, p = snakemake.input, snakemake.params
-table = lexical_job(
-    inp.vlm,
-    inp.split,
-    list(inp.stats),
-    dict(zip(p.layers, inp.saes, strict=True)),
-    snakemake.wildcards.contrast,
+lexical_filter_job(
+    vlm_dir=inp.vlm,
+    split_path=inp.split,
+    stats_paths=list(inp.stats),
+    sae_dirs=dict(zip(p.layers, inp.saes, strict=True)),
+    contrast=snakemake.wildcards.contrast,
     thresholds=p.thresholds,
     frequency=p.frequency,
     prompts=p.prompts,
@@ -18,6 +16,6 @@ table = lexical_job(
     min_fraction=p.lexical["min_fraction"],
     batch_size=p.lexical["batch_size"],
     device=p.device,
-    log=job_logger(snakemake.log[0]),
+    out=dict(snakemake.output.items()),
+    log=log,
 )
-write_table(table, snakemake.output.table)

@@ -1,12 +1,15 @@
-from pathlib import Path
+from vlmdiff.interp.report import report_job
+from vlmdiff.logs import start_job
 
-from vlmdiff.interp.report import build_report
-from vlmdiff.logs import job_logger
-
+log = start_job(snakemake.log[0])
 inp, p = snakemake.input, snakemake.params
-html = build_report(
-    list(inp.targets), Path(snakemake.output.html).parent, snakemake.output.html, run=p.run,
-    config=p.config, benchmarks_dir=p.benchmarks,
-    captions_dir=p.captions, dashboards_dir=inp.dashboards,
+report_job(
+    targets=list(inp.targets),
+    dashboards_dir=inp.dashboards,
+    run=p.run,
+    config=p.config,
+    benchmarks_dir=p.benchmarks,
+    captions_dir=p.captions,
+    out=dict(snakemake.output.items()),
+    log=log,
 )
-job_logger(snakemake.log[0])(f"{html}: {len(inp.targets)} output(s) of the run")

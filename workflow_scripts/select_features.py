@@ -1,22 +1,19 @@
-from vlmdiff.features.selection import read_verdicts, selection_job
-from vlmdiff.files import write_table
-from vlmdiff.logs import job_logger
+from vlmdiff.features.selection import select_features_job
+from vlmdiff.logs import start_job
 
-inp, out, p = snakemake.input, snakemake.output, snakemake.params
-tables = selection_job(
-    list(inp.stats),
-    inp.cosine,
-    {c: read_verdicts(path) for c, path in zip(p.contrasts, inp.lexical, strict=True)},
+log = start_job(snakemake.log[0])
+inp, p = snakemake.input, snakemake.params
+select_features_job(
+    stats_paths=list(inp.stats),
+    cosine_path=inp.cosine,
+    lexical_paths=list(inp.lexical),
+    contrasts=p.contrasts,
+    thresholds=p.thresholds,
     regime=p.regime,
     frequency=p.frequency,
     p_cos=p.p_cos,
     eps=p.eps,
     n_selected=p.n_selected,
-    contrasts={c: p.thresholds[c] for c in p.contrasts},
-    log=job_logger(snakemake.log[0]),
+    out=dict(snakemake.output.items()),
+    log=log,
 )
-for name in ("features", "selected"):
-    write_table(tables[name], out[f"{name}_parquet"])
-    write_table(tables[name], out[f"{name}_csv"])
-write_table(tables["sets"], out.sets)
-write_table(tables["per_layer"], out.per_layer)

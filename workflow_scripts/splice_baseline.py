@@ -1,19 +1,17 @@
-import torch
-from vlmdiff.files import write_table
-from vlmdiff.logs import job_logger
+from vlmdiff.logs import start_job
 from vlmdiff.sae.splice import splice_baseline_job
 
-torch.set_num_threads(snakemake.threads)
+log = start_job(snakemake.log[0], snakemake.threads)
 p = snakemake.params
-table = splice_baseline_job(
-    snakemake.input.vlm,
-    snakemake.input.val,
-    p.layers,
+splice_baseline_job(
+    vlm_dir=snakemake.input.vlm,
+    val_path=snakemake.input.val,
+    layers=p.layers,
     samples=p.samples,
     batch_size=p.batch_size,
     seed=p.seed,
     device=p.device,
     targets=p.targets,
-    log=job_logger(snakemake.log[0]),
+    out=dict(snakemake.output.items()),
+    log=log,
 )
-write_table(table, snakemake.output.table)

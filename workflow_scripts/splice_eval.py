@@ -1,21 +1,19 @@
-import torch
-from vlmdiff.files import write_table
-from vlmdiff.logs import job_logger
-from vlmdiff.sae.splice import splice_job
+from vlmdiff.logs import start_job
+from vlmdiff.sae.splice import splice_eval_job
 
-torch.set_num_threads(snakemake.threads)
-p = snakemake.params
-table = splice_job(
-    snakemake.input.vlm,
-    snakemake.input.val,
-    dict(zip(p.layers, snakemake.input.saes, strict=True)),
-    snakemake.wildcards.regime,
+log = start_job(snakemake.log[0], snakemake.threads)
+inp, p = snakemake.input, snakemake.params
+splice_eval_job(
+    vlm_dir=inp.vlm,
+    val_path=inp.val,
+    sae_dirs=dict(zip(p.layers, inp.saes, strict=True)),
+    regime=snakemake.wildcards.regime,
     samples=p.samples,
     batch_size=p.batch_size,
     seed=p.seed,
     device=p.device,
+    baseline_path=inp.baseline,
     targets=p.targets,
-    baseline_path=snakemake.input.baseline,
-    log=job_logger(snakemake.log[0]),
+    out=dict(snakemake.output.items()),
+    log=log,
 )
-write_table(table, snakemake.output.table)

@@ -1,15 +1,32 @@
-import torch
-from vlmdiff.causal.ablation import eval_config
-from vlmdiff.causal.figures import fig_steering
+from vlmdiff.causal.ablation import EvalInputs, EvalSettings
 from vlmdiff.causal.steering import steering_job
-from vlmdiff.files import write_table
-from vlmdiff.logs import job_logger
-from vlmdiff.plots import save
+from vlmdiff.logs import start_job
 
-torch.set_num_threads(snakemake.threads)
-out, p = snakemake.output, snakemake.params
-inputs, cfg = eval_config(snakemake.input, p)
-table = steering_job(inputs, cfg, vqa_samples=p.steering["vqa_samples"],
-                     alphas=p.steering["alphas"], seed=p.seed, log=job_logger(snakemake.log[0]))
-write_table(table, out.table)
-save(fig_steering(table), out.steering, out.steering_pdf)
+log = start_job(snakemake.log[0], snakemake.threads)
+inp, p, a = snakemake.input, snakemake.params, snakemake.params.ablation
+steering_job(
+    inputs=EvalInputs(
+        vlm_dir=inp.vlm,
+        vsr_path=inp.vsr,
+        val_path=inp.val,
+        selected_path=inp.selected,
+        features_path=inp.features,
+        sae_dirs=dict(zip(p.layers, inp.saes, strict=True)),
+        vsr_acts_path=inp.acts,
+    ),
+    settings=EvalSettings(
+        contrast=p.contrast,
+        max_features=p.max_features,
+        template=p.template,
+        top_vsr=a["top_vsr"],
+        min_relation_share=a["min_relation_share"],
+        positions=a["positions"],
+        batch_size=a["batch_size"],
+        device=p.device,
+    ),
+    vqa_samples=p.steering["vqa_samples"],
+    alphas=p.steering["alphas"],
+    seed=p.seed,
+    out=dict(snakemake.output.items()),
+    log=log,
+)

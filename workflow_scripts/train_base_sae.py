@@ -1,19 +1,18 @@
-import torch
-from vlmdiff.logs import job_logger
-from vlmdiff.sae.adaptation import train_base, train_config
+from vlmdiff.logs import start_job
+from vlmdiff.sae.adaptation import train_base_sae_job
 
-torch.set_num_threads(snakemake.threads)
-p, out = snakemake.params, snakemake.output
-layer = int(snakemake.wildcards.layer)
-history = train_base(
-    layer,
-    snakemake.input.train,
-    snakemake.input.val,
-    train_config(p.train, "sae.base", p.k, p.seed + layer, p.device),
-    p.expansion,
-    p.eval_tokens,
-    out.sae,
-    out.sae + ".checkpoint",
-    log=job_logger(snakemake.log[0]),
+log = start_job(snakemake.log[0], snakemake.threads)
+inp, p = snakemake.input, snakemake.params
+train_base_sae_job(
+    layer=int(snakemake.wildcards.layer),
+    train_paths=list(inp.train),
+    eval_paths=list(inp.val),
+    train=p.train,
+    k=p.k,
+    expansion=p.expansion,
+    eval_tokens=p.eval_tokens,
+    seed=p.seed,
+    device=p.device,
+    out=dict(snakemake.output.items()),
+    log=log,
 )
-history.to_csv(out.history, index=False)

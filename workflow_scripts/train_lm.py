@@ -1,20 +1,17 @@
-import json
+from vlmdiff.logs import start_job
+from vlmdiff.models.training import train_lm_job
 
-import pandas as pd
-import torch
-from vlmdiff.logs import job_logger
-from vlmdiff.models.build import resolve_device, save_atomic
-from vlmdiff.models.training import pretrain_lm
-from vlmdiff.world.layouts import load_split
-
-log = job_logger(snakemake.log[0])
-torch.set_num_threads(snakemake.threads)
+log = start_job(snakemake.log[0], snakemake.threads)
 inp, p = snakemake.input, snakemake.params
-with open(inp.neutral_prompts) as fh:
-    prompts = json.load(fh)
-model, tokenizer, history = pretrain_lm(
-    load_split(inp.corpus), load_split(inp.train), load_split(inp.vsr), prompts,
-    p.scene, p.lm, p.seed, resolve_device(p.device), log,
+train_lm_job(
+    corpus_path=inp.corpus,
+    train_path=inp.train,
+    vsr_path=inp.vsr,
+    prompts_path=inp.neutral_prompts,
+    lm=p.lm,
+    scene=p.scene,
+    seed=p.seed,
+    device=p.device,
+    out=dict(snakemake.output.items()),
+    log=log,
 )
-save_atomic([model, tokenizer], snakemake.output.model)
-pd.DataFrame(history).to_csv(snakemake.output.history, index=False)

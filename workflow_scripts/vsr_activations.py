@@ -1,13 +1,18 @@
-import torch
-from vlmdiff.causal.ablation import vsr_activation_job
-from vlmdiff.files import write_netcdf
-from vlmdiff.logs import job_logger
+from vlmdiff.causal.ablation import vsr_activations_job
+from vlmdiff.logs import start_job
 
-torch.set_num_threads(snakemake.threads)
+log = start_job(snakemake.log[0], snakemake.threads)
 inp, p = snakemake.input, snakemake.params
-acts = vsr_activation_job(
-    inp.vlm, inp.vsr, inp.selected, dict(zip(p.layers, inp.saes, strict=True)),
-    contrast=p.contrast, max_features=p.max_features, template=p.template,
-    batch_size=p.batch_size, device=p.device, log=job_logger(snakemake.log[0]),
+vsr_activations_job(
+    vlm_dir=inp.vlm,
+    vsr_path=inp.vsr,
+    selected_path=inp.selected,
+    sae_dirs=dict(zip(p.layers, inp.saes, strict=True)),
+    contrast=p.contrast,
+    max_features=p.max_features,
+    template=p.template,
+    batch_size=p.batch_size,
+    device=p.device,
+    out=dict(snakemake.output.items()),
+    log=log,
 )
-write_netcdf(acts, snakemake.output.acts)

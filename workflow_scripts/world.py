@@ -1,20 +1,16 @@
-from pathlib import Path
+from vlmdiff.logs import start_job
+from vlmdiff.world.datasets import world_job
 
-from vlmdiff.logs import job_logger
-from vlmdiff.world.datasets import write_world
-
+log = start_job(snakemake.log[0])
 p = snakemake.params
-write_world(
-    p.scene,
-    p.seed,
-    Path(snakemake.output.summary).parent,
-    n_train=p.sizes["train"],
-    n_val=p.sizes["val"],
-    n_vsr=p.sizes["vsr"],
-    n_corpus=p.sizes["corpus"],
+world_job(
+    scene=p.scene,
+    seed=p.seed,
+    sizes=p.sizes,
     questions_per_image=p.questions_per_image,
     spatial_keywords=p.spatial_keywords,
     ocr_keywords=p.ocr_keywords,
     neutral_prompts=p.neutral_prompts,
-    log=job_logger(snakemake.log[0]),
+    out=dict(snakemake.output.items()),
+    log=log,
 )

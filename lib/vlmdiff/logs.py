@@ -28,6 +28,18 @@ def job_logger(log_path: str | Path | None, name: str = "vlmdiff") -> Log:
     return logger.info
 
 
+def start_job(log_path: str | Path | None, threads: int | None = None) -> Log:
+    """What a workflow script does first: the job's `log(msg)` (see `job_logger`) and, given
+    `threads` (the rule's `threads:`), torch's intra-op thread count. torch is imported only
+    then, so jobs that only read and write tables never import it."""
+    log = job_logger(log_path)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    return log
+
+
 def progress_line(what: str, done: int, total: int, start: float, unit: str = "") -> str:
     """ "what: done/total unit (rate unit/s, ETA)" for a loop begun at `start`
     (`time.perf_counter()`)."""

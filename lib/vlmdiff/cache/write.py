@@ -407,11 +407,10 @@ class _Timer:
 
 
 
-def cache_split(
+def cache_activations_job(
+    *,
     model_dir: str | Path,
     split_path: str | Path,
-    out_dir: str | Path,
-    *,
     mode: str,
     text_source: str,
     max_samples: int,
@@ -420,9 +419,11 @@ def cache_split(
     max_len: int | None,
     seed: int,
     device: str,
+    out: Mapping[str, str | Path],
     log: Log = print,
 ) -> dict[str, Any]:
-    """The workflow's cache job: load a saved model and a split, cache one shard of it.
+    """The `cache_activations` rule: load a saved model and a split, cache one shard of it
+    into `out["store"]`.
 
     `mode="vqa"` loads a VLM (model + processor); `mode="text"` a language model + tokenizer.
     `max_samples` (0 = all) keeps the first rows of the split before sharding.
@@ -443,7 +444,7 @@ def cache_split(
     return write_cache(
         model,
         ds,
-        out_dir,
+        out["store"],
         mode=mode,
         text_source=text_source,
         processor=processor,

@@ -32,7 +32,8 @@ import torch
 import xarray as xr
 
 from vlmdiff.causal.context import CausalContext, feature_label
-from vlmdiff.causal.tables import RUN_COLUMNS
+from vlmdiff.causal.tables import RUN_COLUMNS, write_ablation_tables
+from vlmdiff.files import write_netcdf
 from vlmdiff.hooks import Replace, replace_layer_output
 from vlmdiff.inputs import prompt_span, row_batches
 from vlmdiff.logs import Log, progress_line
@@ -171,21 +172,23 @@ def relation_subset(
 # ------------------------------------------------------------------------- workflow jobs
 
 
-def vsr_activation_job(
+def vsr_activations_job(
+    *,
     vlm_dir: str | Path,
     vsr_path: str | Path,
     selected_path: str | Path,
     sae_dirs: Mapping[int, str | Path],
-    *,
     contrast: str,
     max_features: int,
     template: str,
     batch_size: int,
     device: str,
+    out: Mapping[str, str | Path],
     log: Log = print,
 ) -> xr.DataArray:
-    """`max_t h_f` over each VSR row's prompt tokens, `[feature, row]`: the caches hold no VSR,
-    so the feature's SAE encodes the hooked block output here."""
+    """The `vsr_activations` rule: `max_t h_f` over each VSR row's prompt tokens,
+    `[feature, row]`, to `out["acts"]`. The caches hold no VSR, so the feature's SAE encodes
+    the hooked block output here."""
     from vlmdiff.causal.context import feature_coords
     from vlmdiff.features.lexical import sample_maxima, unknown_words
 
@@ -206,13 +209,15 @@ def vsr_activation_job(
             acts[i] = best[layer][:, features[layer].index(f)]
         log(f"VSR activations of {len(keys)} feature(s) on {len(vsr)} rows; "
             f"rows firing per feature: {(acts > 0).sum(1).tolist()}")
-    return xr.DataArray(
+    result = xr.DataArray(
         acts,
         dims=("feature", "row"),
         coords={**feature_coords(ctx), "row": np.arange(len(vsr))},
         name="vsr_max_activation",
         attrs={"template": template},
     )
+    write_netcdf(result, out["acts"])
+    return result
 
 
 def top_vsr_rows(acts: xr.DataArray, feature: str, n: int) -> np.ndarray:
@@ -297,17 +302,6 @@ class EvalSettings:
     device: str
 
 
-def eval_config(inp: Any, params: Any) -> tuple[EvalInputs, EvalSettings]:
-    """`EvalInputs` and `EvalSettings` from a Snakemake job's `input` and `params`
-    (`layers`, `contrast`, `max_features`, `template`, `ablation`, `device`)."""
-    a = params.ablation
-    inputs = EvalInputs(inp.vlm, inp.vsr, inp.val, inp.selected, inp.features,
-                        dict(zip(params.layers, inp.saes, strict=True)), inp.acts)
-    cfg = EvalSettings(params.contrast, params.max_features, params.template, a["top_vsr"],
-                       a["min_relation_share"], a["positions"], a["batch_size"], params.device)
-    return inputs, cfg
-
-
 class _EvalSetup:
     """The VLM and features, VSR as questions, D_base's yes/no pool, the VSR activations."""
 
@@ -338,18 +332,20 @@ class _EvalSetup:
 
 
 def ablation_job(
-    inputs: EvalInputs,
-    cfg: EvalSettings,
     *,
+    inputs: EvalInputs,
+    settings: EvalSettings,
     vqa_samples: int,
     subset_fraction: float,
     n_controls: int,
     seeds: Sequence[int],
+    out: Mapping[str, str | Path],
     log: Log = print,
 ) -> pd.DataFrame:
-    """One row per (feature, seed): accuracy and probability with and without the ablation on
-    the relation-specific VSR subset and on VQA yes/no, and the same for random controls."""
-    setup = _EvalSetup(inputs, cfg, log)
+    """The `ablation` rule. One row per (feature, seed): accuracy and probability with and
+    without the ablation on the relation-specific VSR subset and on VQA yes/no, and the same
+    for random controls; the runs and tables 1 and 2 to `out` (`write_ablation_tables`)."""
+    setup = _EvalSetup(inputs, settings, log)
     ctx, vqa_pool = setup.ctx, setup.vqa_pool
     eval_vsr, eval_vqa = setup.evaluator("vsr"), setup.evaluator("vqa")
     rows_out = []
@@ -396,6 +392,8 @@ def ablation_job(
                 "vsr_or": odds.get(label, np.nan),
             })
         log(progress_line("ablation, features", i + 1, len(ctx.features), start))
-    return pd.DataFrame(rows_out, columns=RUN_COLUMNS)
+    runs = pd.DataFrame(rows_out, columns=RUN_COLUMNS)
+    write_ablation_tables(runs, out, settings.contrast)
+    return runs
 
 

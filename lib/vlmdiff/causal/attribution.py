@@ -46,6 +46,7 @@ import xarray as xr
 
 from vlmdiff.causal.attention import AttentionProbe, head_counts, kv_head_of, probe_attention
 from vlmdiff.causal.context import CausalContext, feature_coords, feature_label
+from vlmdiff.files import write_netcdf, write_table
 from vlmdiff.hooks import replace_layer_output
 from vlmdiff.inputs import prompt_span, row_batches
 from vlmdiff.logs import Log, progress_line
@@ -361,13 +362,13 @@ CHECK_COLUMNS = ["feature", "layer", "feature_index", "method", "variant", "patc
 
 
 def attribution_job(
+    *,
     vlm_dir: str | Path,
     val_path: str | Path,
     stats_paths: Sequence[str | Path],
     selected_path: str | Path,
     sae_dirs: Mapping[int, str | Path],
     mean_path: str | Path,
-    *,
     contrast: str,
     max_features: int,
     top_k: int,
@@ -375,11 +376,13 @@ def attribution_job(
     atp_star: bool,
     exact: bool,
     device: str,
+    out: Mapping[str, str | Path],
     log: Log = print,
 ) -> tuple[xr.Dataset, pd.DataFrame]:
-    """The attribution job: scores `[feature, method, variant, layer, head]` averaged over each
-    feature's top-k D_base samples (+ exact patching effects and their Spearman table when
-    `exact`). An empty feature list gives a dataset with a zero-length feature dimension."""
+    """The `attribution` rule: scores `[feature, method, variant, layer, head]` averaged over
+    each feature's top-k D_base samples (+ exact patching effects and their Spearman table when
+    `exact`) to `out["scores"]` and `out["check"]`. An empty feature list gives a dataset with a
+    zero-length feature dimension."""
     from vlmdiff.features.selection import top_samples
     from vlmdiff.world.layouts import load_split
 
@@ -463,20 +466,24 @@ def attribution_job(
             summary = table.groupby(["method", "variant"])["spearman_own_direction"].mean()
             log("mean Spearman with exact patching (own direction):\n" + summary.to_string())
     log(f"timing: {timing}")
+    write_netcdf(ds, out["scores"])
+    write_table(table, out["check"])
     return ds, table
 
 
-def mean_embedding_job(
+def mean_image_embedding_job(
+    *,
     vlm_dir: str | Path,
     split_path: str | Path,
-    *,
     samples: int,
     batch_size: int,
     seed: int,
     device: str,
+    out: Mapping[str, str | Path],
     log: Log = print,
 ) -> xr.DataArray:
-    """The corruption artifact: per-patch mean image embedding over `samples` distinct images."""
+    """The `mean_image_embedding` rule, the corruption artifact: per-patch mean image
+    embedding over `samples` distinct images, to `out["mean"]`."""
     from vlmdiff.models.build import load_vlm, resolve_device
     from vlmdiff.world.layouts import load_split
 
@@ -488,5 +495,7 @@ def mean_embedding_job(
     rows = rng.permutation(np.sort(first))[:samples]
     images = ds.select(rows.tolist())["image"]
     log(f"mean image embedding over {len(images)} distinct images of {split_path}")
-    return mean_image_embedding(model, processor, images, batch_size=batch_size, device=dev,
+    mean = mean_image_embedding(model, processor, images, batch_size=batch_size, device=dev,
                                 log=log)
+    write_netcdf(mean, out["mean"])
+    return mean

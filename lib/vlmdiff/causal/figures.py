@@ -4,8 +4,9 @@ attention overlays (figures 4, 14-16), and steering flip rates."""
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,7 +14,9 @@ import xarray as xr
 from PIL import Image
 
 from vlmdiff.causal.attribution import feature_head_scores, head_label, ranked_heads
-from vlmdiff.plots import axes_note, plt
+from vlmdiff.files import write_table
+from vlmdiff.logs import Log
+from vlmdiff.plots import axes_note, plt, save
 
 METHOD_NAMES = {"A": "Method A: (corr − clean)·∇clean", "B": "Method B: (clean − corr)·∇corr"}
 PAPER_ORDER = ("B", "A")  # the paper shows Method B on the left
@@ -265,3 +268,22 @@ def fig_patching_check(ds: xr.Dataset) -> plt.Figure:
     fig.suptitle("Attribution patching vs exact activation patching, one head at a time")
     fig.tight_layout()
     return fig
+
+
+def attribution_figures_job(
+    *,
+    scores_path: str | Path,
+    variant: str,
+    n_heads: int,
+    out: Mapping[str, str | Path],
+    log: Log = print,
+) -> None:
+    """The `attribution_figures` rule: figures 12 and 13 and the check against exact patching
+    (`out["fig12"]`, `out["fig13"]`, `out["check"]`, each with a `_pdf`) and the top/bottom
+    heads table (`out["heads"]`) from the attribution scores."""
+    ds = xr.load_dataset(scores_path)
+    save(fig12_attribution_layers(ds, variant), out["fig12"], out["fig12_pdf"])
+    save(fig13_attribution_heads(ds, variant), out["fig13"], out["fig13_pdf"])
+    save(fig_patching_check(ds), out["check"], out["check_pdf"])
+    write_table(top_head_summary(ds, variant, n_heads), out["heads"])
+    log(f"figures 12, 13 and the patching check for {ds.sizes['feature']} features")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from vlmdiff.causal.attention import attention_to_image
 from vlmdiff.causal.attribution import feature_head_scores, head_label, ranked_heads
 from vlmdiff.causal.figures import Overlay, fig14_feature_panels, overlay_grid
 from vlmdiff.logs import Log
+from vlmdiff.plots import save
 
 
 def recurring_head(ds: xr.Dataset, variant: str, n: int = 3) -> tuple[tuple[int, int] | None,
@@ -64,24 +66,52 @@ class _Samples:
         return out
 
 
-def overlay_job(
+@dataclass(frozen=True)
+class OverlaySettings:
+    """Which heads are drawn over which samples (the `causal.overlays` keys, the attribution
+    variant that ranks heads, and how the feature's VSR rows are found)."""
+
+    variant: str
+    n_heads: int
+    samples_per_source: int
+    top_vsr: int
+    min_relation_share: float
+    template: str
+    custom_queries: Sequence[str]
+    unrelated_queries: Sequence[str]
+    custom_images: int
+    device: str
+
+
+def attention_overlays_job(
+    *,
     vlm_dir: str | Path,
     attribution_path: str | Path,
     val_path: str | Path,
     vsr_path: str | Path,
     stats_paths: Sequence[str | Path],
     vsr_acts_path: str | Path,
-    *,
-    variant: str,
-    n_heads: int,
-    samples_per_source: int,
-    top_vsr: int,
-    min_relation_share: float,
-    template: str,
-    custom_queries: Sequence[str],
-    unrelated_queries: Sequence[str],
-    custom_images: int,
-    device: str,
+    settings: OverlaySettings,
+    out: Mapping[str, str | Path],
+    log: Log = print,
+) -> dict[str, Any]:
+    """The `attention_overlays` rule: figures 4, 14, 15 and 16 (`out["fig4"]`, ..., each with a
+    `_pdf`); returns them (matplotlib figures) and the top-head table (`heads`)."""
+    figures = overlay_figures(vlm_dir, attribution_path, val_path, vsr_path, stats_paths,
+                              vsr_acts_path, settings, log)
+    for key in ("fig4", "fig14", "fig15", "fig16"):
+        save(figures[key], out[key], out[f"{key}_pdf"])
+    return figures
+
+
+def overlay_figures(
+    vlm_dir: str | Path,
+    attribution_path: str | Path,
+    val_path: str | Path,
+    vsr_path: str | Path,
+    stats_paths: Sequence[str | Path],
+    vsr_acts_path: str | Path,
+    settings: OverlaySettings,
     log: Log = print,
 ) -> dict[str, Any]:
     """Figures 14, 15, 4 and 16 as matplotlib figures (keys `fig14`, `fig15`, `fig4`,
@@ -91,8 +121,10 @@ def overlay_job(
     from vlmdiff.models.build import load_vlm, resolve_device
     from vlmdiff.world.layouts import load_split
 
+    variant = settings.variant
+
     ds = xr.load_dataset(attribution_path)
-    heads_table = top_head_summary(ds, variant, n_heads)
+    heads_table = top_head_summary(ds, variant, settings.n_heads)
     feats = [str(f) for f in ds["feature"].values]
     if not feats:
         log("no selected features: the overlay figures say so")
@@ -104,19 +136,20 @@ def overlay_job(
             "fig16": overlay_grid([], "A high-attribution head under custom queries", [], empty),
             "heads": heads_table,
         }
-    dev = resolve_device(device)
+    dev = resolve_device(settings.device)
     model, processor = load_vlm(Path(vlm_dir), dev)
     val = load_split(val_path)
-    vsr, _ = vsr_split(vsr_path, template)
+    vsr, _ = vsr_split(vsr_path, settings.template)
     acts = xr.load_dataarray(vsr_acts_path)
     table = pd.DataFrame({"layer": ds["feature_layer"].values,
                           "feature": ds["feature_index"].values})
-    vqa_rows = top_samples(stats_paths, "val", table, samples_per_source)
+    vqa_rows = top_samples(stats_paths, "val", table, settings.samples_per_source)
     vqa_top = {f: vqa_rows.get((int(a), int(b)), np.zeros(0, int))
                for f, a, b in zip(feats, table["layer"], table["feature"], strict=True)}
-    vsr_top = {f: top_vsr_rows(acts, f, top_vsr) for f in feats}
+    vsr_top = {f: top_vsr_rows(acts, f, settings.top_vsr) for f in feats}
     relations = {f: ", ".join(relation_subset(np.asarray(vsr["relation"]), vsr_top[f],
-                                              min_relation_share)[0]) for f in feats}
+                                              settings.min_relation_share)[0])
+                 for f in feats}
     samples = _Samples(val, vsr, vqa_top, vsr_top)
 
     def draw(head: tuple[int, int], picks: Sequence[tuple[str, Any, str]], note: str,
@@ -145,7 +178,7 @@ def overlay_job(
         controls, "Bottom-ranked heads (control): attention of the lowest-|score| head per "
         "method on the same top-activating samples", feats, "no overlays")
 
-    head, related = recurring_head(ds, variant, n_heads)
+    head, related = recurring_head(ds, variant, settings.n_heads)
     assert head is not None
     owned = [(f, p) for f in related for p in samples.picks(f, 1)][:4]
     picks = [p for _, p in owned]
@@ -154,6 +187,7 @@ def overlay_job(
     for owner, pick in owned:
         bottom = ranked_heads(feature_head_scores(ds, owner, "B", variant), 1, bottom=True)[0]
         middle += draw(bottom, [pick], f"bottom head of {owner}")
+    unrelated_queries = settings.unrelated_queries
     unrelated = [unrelated_queries[i % len(unrelated_queries)] for i in range(len(picks))]
     bottom_row = draw(head, picks, "unrelated query", unrelated) if unrelated_queries else []
     out["fig4"] = overlay_grid(
@@ -166,9 +200,9 @@ def overlay_job(
     images = []
     for f in feats:
         images += [p for p in samples.picks(f, 1) if p[0] == "VQA"]
-    images = images[:custom_images]
-    rows = [draw(head, [p] * len(custom_queries), "custom query", custom_queries)
-            for p in images]
+    images = images[:settings.custom_images]
+    custom = settings.custom_queries
+    rows = [draw(head, [p] * len(custom), "custom query", custom) for p in images]
     out["fig16"] = overlay_grid(
         rows, f"{head_label(*head)} (a high-attribution head) under custom queries",
         [f"image {i + 1}" for i in range(len(rows))], "no images")

@@ -5,7 +5,8 @@ the answers it changes (against random same-layer features).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,9 +23,12 @@ from vlmdiff.causal.ablation import (
     edit_positions,
 )
 from vlmdiff.causal.context import CausalContext, feature_label
+from vlmdiff.causal.figures import fig_steering
+from vlmdiff.files import write_table
 from vlmdiff.hooks import replace_layer_output
 from vlmdiff.inputs import row_batches
 from vlmdiff.logs import Log, progress_line
+from vlmdiff.plots import save
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -35,18 +39,20 @@ def steering(direction: torch.Tensor, alpha: float) -> Edit:
 
 
 def steering_job(
-    inputs: EvalInputs,
-    cfg: EvalSettings,
     *,
+    inputs: EvalInputs,
+    settings: EvalSettings,
     vqa_samples: int,
     alphas: Sequence[float],
     seed: int,
+    out: Mapping[str, str | Path],
     log: Log = print,
 ) -> pd.DataFrame:
-    """Flip rate of the yes/no answer when `α·s·v` is added at the edited positions, where s
-    is the mean norm of the block-L output there (so α is relative to the residual's size), on
-    the relation subset and on VQA yes/no; a random same-layer feature as the control."""
-    setup = _EvalSetup(inputs, cfg, log)
+    """The `steering` rule. Flip rate of the yes/no answer when `α·s·v` is added at the edited
+    positions, where s is the mean norm of the block-L output there (so α is relative to the
+    residual's size), on the relation subset and on VQA yes/no; a random same-layer feature as
+    the control. The table to `out["table"]`, its figure to `out["steering"]` (and `_pdf`)."""
+    setup = _EvalSetup(inputs, settings, log)
     ctx, vqa_pool = setup.ctx, setup.vqa_pool
     rng = np.random.default_rng(seed)
     vqa_rows = np.sort(rng.choice(vqa_pool, size=min(vqa_samples, len(vqa_pool)), replace=False))
@@ -60,7 +66,8 @@ def steering_job(
             continue
         pool = control_pool(inputs.features_path, layer, [f])
         control = int(np.random.default_rng([seed, layer, f]).choice(pool))
-        scale = residual_norm(ctx, setup.vsr, subset, layer, cfg.positions, cfg.batch_size)
+        scale = residual_norm(ctx, setup.vsr, subset, layer, settings.positions,
+                              settings.batch_size)
         sets = {
             "VSR relation subset": ("vsr", subset, ctx.directions[(layer, f)]),
             "VQA yes/no": ("vqa", vqa_rows, ctx.directions[(layer, f)]),
@@ -83,7 +90,10 @@ def steering_job(
         log(progress_line("steering, features", i + 1, len(ctx.features), start))
     cols = ["feature", "layer", "feature_index", "eval_set", "alpha", "residual_norm", "n",
             "flip_rate", "accuracy", "accuracy_unsteered", "vsr_relations", "control_feature"]
-    return pd.DataFrame(rows_out, columns=cols)
+    table = pd.DataFrame(rows_out, columns=cols)
+    write_table(table, out["table"])
+    save(fig_steering(table), out["steering"], out["steering_pdf"])
+    return table
 
 
 @torch.no_grad()

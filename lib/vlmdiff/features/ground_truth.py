@@ -14,6 +14,7 @@ import pandas as pd
 import xarray as xr
 
 from vlmdiff.features.selection import BASE_SPLIT, top_samples
+from vlmdiff.files import write_table
 from vlmdiff.logs import Log
 
 # ------------------------------------------------------------------------- ground truth
@@ -112,16 +113,18 @@ def ground_truth(
 
 
 def ground_truth_job(
+    *,
     table_path: str | Path,
     stats_paths: Sequence[str | Path],
     val_path: str | Path,
     contrasts: Sequence[str],
-    *,
     n_random: int,
     seed: int,
+    out: Mapping[str, str | Path],
     log: Log = print,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The workflow's ground-truth job: `ground_truth` on the D_base top-activating samples."""
+    """The `ground_truth` rule: `ground_truth` on the D_base top-activating samples; the
+    tables to `out["per_feature"]` and `out["summary"]`."""
     table = pd.read_parquet(table_path)
     meta = pd.read_parquet(val_path, columns=["family", "relation"])
     wanted = table["adapted"].copy()
@@ -134,4 +137,6 @@ def ground_truth_job(
         table, samples, meta, contrasts, n_random=n_random, seed=seed
     )
     log("\n" + summary.to_string(index=False))
+    write_table(per_feature, out["per_feature"])
+    write_table(summary, out["summary"])
     return per_feature, summary

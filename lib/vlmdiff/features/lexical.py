@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from vlmdiff.features.selection import LEXICAL_COLUMNS
+from vlmdiff.files import write_table
 from vlmdiff.hooks import prompt_activations
 from vlmdiff.logs import Log
 from vlmdiff.sae.topk import TopKSAE
@@ -132,13 +133,13 @@ def lexical_filter(
     return pd.DataFrame(out, columns=list(LEXICAL_COLUMNS))
 
 
-def lexical_job(
+def lexical_filter_job(
+    *,
     vlm_dir: str | Path,
     split_path: str | Path,
     stats_paths: Sequence[str | Path],
     sae_dirs: Mapping[int, str | Path],
     contrast: str,
-    *,
     thresholds: Mapping[str, Any],
     frequency: Mapping[str, Any],
     prompts: Sequence[str],
@@ -146,9 +147,11 @@ def lexical_job(
     min_fraction: float,
     batch_size: int,
     device: str,
+    out: Mapping[str, str | Path],
     log: Log = print,
 ) -> pd.DataFrame:
-    """The workflow's lexical-filter job for one contrast (`spatial` or `ocr`).
+    """The `lexical_filter` rule for one contrast (`spatial` or `ocr`), its verdicts to
+    `out["table"]`.
 
     Finds the contrast's candidates from the statistics (`thresholds` on Δp and OR,
     `frequency`: `tokens`, `smoothing`, `ci_level`), then filters them; loads the VLM only
@@ -168,7 +171,9 @@ def lexical_job(
     log(f"{contrast}: {len(cands)} candidates of {len(table)} features")
     if cands.empty:
         log(f"{contrast}: no candidates, nothing to filter")
-        return pd.DataFrame(columns=list(LEXICAL_COLUMNS))
+        empty = pd.DataFrame(columns=list(LEXICAL_COLUMNS))
+        write_table(empty, out["table"])
+        return empty
     samples = top_samples(stats_paths, contrast, cands, n_samples)
     dev = resolve_device(device)
     model, processor = load_vlm(Path(vlm_dir), dev)
@@ -189,4 +194,6 @@ def lexical_job(
         log=log,
     )
     log(f"{contrast}: {int(verdicts['passed'].sum())}/{len(verdicts)} candidates pass")
-    return cands.merge(verdicts, on=["layer", "feature"], how="left")
+    result = cands.merge(verdicts, on=["layer", "feature"], how="left")
+    write_table(result, out["table"])
+    return result

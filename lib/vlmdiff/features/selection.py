@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from vlmdiff.files import write_table
 from vlmdiff.logs import Log
 
 BASE_SPLIT = "val"
@@ -379,21 +380,28 @@ def threshold_sweep(
 # ------------------------------------------------------------------------- workflow jobs
 
 
-def selection_job(
+def select_features_job(
+    *,
     stats_paths: Sequence[str | Path],
     cosine_path: str | Path,
-    lexical: Mapping[str, pd.DataFrame],
-    *,
+    lexical_paths: Sequence[str | Path],
+    contrasts: Sequence[str],
+    thresholds: Mapping[str, Mapping[str, Any]],
     regime: str,
     frequency: Mapping[str, Any],
     p_cos: float,
     eps: float,
     n_selected: int,
-    contrasts: Mapping[str, Mapping[str, Any]],
+    out: Mapping[str, str | Path],
     log: Log = print,
 ) -> dict[str, pd.DataFrame]:
-    """The workflow's selection job: the feature table with every flag, the chosen subsets, the
-    set sizes (with notes on empty sets) and the per-layer summary behind figure 7."""
+    """The `select_features` rule: the feature table with every flag (`out["features_parquet"]`,
+    `out["features_csv"]`), the chosen subsets (`selected_parquet`, `selected_csv`), the set
+    sizes with notes on empty sets (`sets`) and the per-layer summary behind figure 7
+    (`per_layer`). `lexical_paths` are the lexical-filter tables of `contrasts`, in order;
+    `thresholds` has each contrast's section."""
+    lexical = {c: read_verdicts(path) for c, path in zip(contrasts, lexical_paths, strict=True)}
+    sections = {c: thresholds[c] for c in contrasts}
     with xr.open_dataarray(cosine_path) as cos:
         if regime not in cos["regime"].values:
             raise ValueError(
@@ -403,15 +411,70 @@ def selection_job(
         cosine = cos.sel(regime=regime).load()
     table = feature_statistics(read_statistics(stats_paths), cosine, **frequency)
     table = select_features(
-        table, lexical, p_cos=p_cos, eps=eps, n_selected=n_selected, contrasts=contrasts, log=log
+        table, lexical, p_cos=p_cos, eps=eps, n_selected=n_selected, contrasts=sections, log=log
     )
-    sets = set_summary(table, list(contrasts))
+    sets = set_summary(table, list(sections))
     log("\n" + sets.to_string(index=False))
     for note in sets["note"][sets["note"] != ""]:
         log(f"warning: {note}")
-    return {
+    tables = {
         "features": table,
-        "selected": selected_table(table, list(contrasts)),
+        "selected": selected_table(table, list(sections)),
         "sets": sets,
-        "per_layer": per_layer_summary(table, list(contrasts)),
+        "per_layer": per_layer_summary(table, list(sections)),
     }
+    for name in ("features", "selected"):
+        write_table(tables[name], out[f"{name}_parquet"])
+        write_table(tables[name], out[f"{name}_csv"])
+    write_table(tables["sets"], out["sets"])
+    write_table(tables["per_layer"], out["per_layer"])
+    return tables
+
+
+def threshold_sweep_job(
+    *,
+    table_path: str | Path,
+    sweep: Mapping[str, Sequence[float]],
+    p_cos: float,
+    eps: float,
+    out: Mapping[str, str | Path],
+    log: Log = print,
+) -> pd.DataFrame:
+    """The `threshold_sweep` rule: `threshold_sweep` of the feature table over the grids of
+    the `features.sweep` section (`p_cos`, `eps`), logged and written to `out["table"]`."""
+    table = pd.read_parquet(table_path)
+    result = threshold_sweep(table, sweep["p_cos"], sweep["eps"], p_cos=p_cos, eps=eps)
+    log("\n" + result.to_string(index=False))
+    write_table(result, out["table"])
+    return result
+
+
+def feature_figures_job(
+    *,
+    table_path: str | Path,
+    per_layer_path: str | Path,
+    sweep_path: str | Path,
+    p_cos: float,
+    eps: float,
+    thresholds: Mapping[str, Mapping[str, Any]],
+    out: Mapping[str, str | Path],
+    log: Log = print,
+) -> None:
+    """The `feature_figures` rule: figures 2, 7, 8, 9 and 10 (`out["fig2"]`, ..., each with a
+    `_pdf`) from the feature table, the per-layer summary and the threshold sweep."""
+    from vlmdiff.plots import (
+        fig2_feature_selection,
+        fig7_adapted_per_layer,
+        fig8_threshold_sweep,
+        fig9_firing_frequency,
+        fig10_ocr_features,
+        save,
+    )
+
+    table = pd.read_parquet(table_path)
+    save(fig2_feature_selection(table, eps, p_cos), out["fig2"], out["fig2_pdf"])
+    save(fig7_adapted_per_layer(pd.read_csv(per_layer_path)), out["fig7"], out["fig7_pdf"])
+    save(fig8_threshold_sweep(pd.read_csv(sweep_path)), out["fig8"], out["fig8_pdf"])
+    save(fig9_firing_frequency(table), out["fig9"], out["fig9_pdf"])
+    save(fig10_ocr_features(table, eps, thresholds["ocr"]), out["fig10"], out["fig10_pdf"])
+    log(f"figures 2, 7, 8, 9, 10 from {len(table)} features")

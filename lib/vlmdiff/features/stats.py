@@ -18,6 +18,7 @@ import xarray as xr
 
 from vlmdiff.cache.read import iter_sample_chunks, open_store
 from vlmdiff.features.selection import TOKEN_TYPES
+from vlmdiff.files import write_netcdf
 from vlmdiff.logs import Log
 from vlmdiff.sae.topk import TopKSAE
 
@@ -176,16 +177,18 @@ def layer_statistics(
 
 
 def feature_stats_job(
+    *,
     sae_dir: str | Path,
     layer: int,
     caches: Mapping[str, Sequence[str | Path]],
-    *,
     batch_tokens: int,
     n_top: int,
     device: str,
+    out: Mapping[str, str | Path],
     log: Log = print,
 ) -> xr.Dataset:
-    """The workflow's statistics job: load one layer's adapted SAE and stream the caches."""
+    """The `feature_stats` rule: load one layer's adapted SAE, stream the caches (split ->
+    shard stores) through it, the statistics to `out["stats"]`."""
     from vlmdiff.models.build import resolve_device
 
     sae = TopKSAE.load(sae_dir, device=resolve_device(device))
@@ -198,4 +201,6 @@ def feature_stats_job(
                     f"{layer}) has {width}"
                 )
     stats = layer_statistics(caches, layer, sae, batch_tokens=batch_tokens, n_top=n_top, log=log)
-    return stats.assign_attrs(sae=str(sae_dir), regime=str(sae.extra.get("regime", "")))
+    stats = stats.assign_attrs(sae=str(sae_dir), regime=str(sae.extra.get("regime", "")))
+    write_netcdf(stats, out["stats"])
+    return stats

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vlmdiff.files import atomic_dir, atomic_path
+from vlmdiff.files import atomic_dir, atomic_path, write_table
 from vlmdiff.interp.backends import Backend, BackendError, Expect, Message, ReplyError, ask
 from vlmdiff.interp.evidence import FeatureEvidence, Sample, read_evidence
 from vlmdiff.logs import Log
@@ -261,18 +261,19 @@ def _identity(cfg: Mapping[str, Any]) -> tuple[str, str, bool]:
 
 
 def autointerp_job(
+    *,
     evidence_dir: str | Path,
-    out_dirs: Mapping[str, str | Path],
+    out: Mapping[str, str | Path],
     cache_dir: str | Path,
     cfg: Mapping[str, Any],
-    *,
     seed: int,
     device: str = "cpu",
     make_backend: Callable[[Mapping[str, Any], str], Backend] | None = None,
     log: Log = print,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Every (feature, variant) record, asked or taken from the cache; one JSON per feature
-    and a `summary.json` (counts, F1, token usage) per variant folder in `out_dirs`."""
+    """The `autointerp` rule: every (feature, variant) record, asked or taken from the cache;
+    one JSON per feature and a `summary.json` (counts, F1, token usage) per variant folder in
+    `out` (variant -> folder: `raw`, `overlay`)."""
     if make_backend is None:
         from vlmdiff.interp.backends import make_backend
     folder, cache = Path(evidence_dir), Path(cache_dir)
@@ -282,15 +283,15 @@ def autointerp_job(
     records: dict[tuple[str, str], dict[str, Any]] = {}
     todo = []
     for ev in evs:
-        for variant in out_dirs:
+        for variant in out:
             path = cache_file(cache, ev, variant, name, model, vision, rounds, seed)
             if path.is_file():
                 records[ev.label, variant] = {**json.loads(path.read_text()), "cached": True}
             else:
                 todo.append((ev, variant, path))
-    log(f"auto-interp with {name} ({model}): {len(records)} of {len(evs) * len(out_dirs)} "
+    log(f"auto-interp with {name} ({model}): {len(records)} of {len(evs) * len(out)} "
         f"(feature, variant) pair(s) cached, {len(todo)} to ask")
-    run_usage = {v: {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0} for v in out_dirs}
+    run_usage = {v: {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0} for v in out}
     if todo:
         start = time.perf_counter()
         backend = make_backend(cfg, device)
@@ -314,10 +315,10 @@ def autointerp_job(
         finally:
             # interrupted: what has not started is dropped; what finished is in the cache
             pool.shutdown(wait=False, cancel_futures=True)
-    out: dict[str, list[dict[str, Any]]] = {}
-    for variant, target in out_dirs.items():
+    result: dict[str, list[dict[str, Any]]] = {}
+    for variant, target in out.items():
         recs = [records[ev.label, variant] for ev in evs]
-        out[variant] = recs
+        result[variant] = recs
         with atomic_dir(target) as tmp:
             for rec in recs:
                 (tmp / f"{rec['feature']}.json").write_text(json.dumps(rec, indent=1))
@@ -326,7 +327,7 @@ def autointerp_job(
     for variant, u in run_usage.items():
         log(f"{variant}: {u['prompt_tokens']} prompt and {u['completion_tokens']} completion "
             f"tokens in {u['calls']} call(s) this run")
-    return out
+    return result
 
 
 def summarise(records: Sequence[Mapping[str, Any]], backend: str, model: str,
@@ -437,3 +438,22 @@ def fig_autointerp_f1(wide: pd.DataFrame) -> Any:
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def autointerp_table_job(
+    *, raw_dir: str | Path, overlay_dir: str | Path, out: Mapping[str, str | Path],
+    log: Log = print,
+) -> pd.DataFrame:
+    """The `autointerp_table` rule: RAW and OVERLAY records as one table (`out["table"]`),
+    side by side in Markdown (`out["markdown"]`), and their F1 figure (`out["fig_autointerp"]`,
+    `out["fig_autointerp_pdf"]`)."""
+    from vlmdiff.plots import save
+
+    table = records_table(read_records(raw_dir) + read_records(overlay_dir))
+    wide = f1_comparison(table)
+    write_table(table, out["table"])
+    with atomic_path(out["markdown"]) as tmp:
+        tmp.write_text(markdown_table(wide))
+    save(fig_autointerp_f1(wide), out["fig_autointerp"], out["fig_autointerp_pdf"])
+    log(markdown_table(wide).splitlines()[-1])
+    return table

@@ -20,6 +20,7 @@ from markupsafe import escape
 from vlmdiff.files import atomic_dir
 from vlmdiff.interp.autointerp import VARIANTS, read_records
 from vlmdiff.interp.evidence import FeatureEvidence, Sample, read_evidence
+from vlmdiff.logs import Log
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 70em; color: #222; }
@@ -186,4 +187,25 @@ def build_dashboards(
                             for v in VARIANTS}})
         (tmp / "index.html").write_text(INDEX.render(rows=rows, variants=VARIANTS, style=STYLE,
                                                      fmt=fmt, report=link_report))
+    return pages
+
+
+def dashboards_job(
+    *,
+    evidence_dir: str | Path,
+    features_path: str | Path,
+    heads_path: str | Path,
+    ablation_path: str | Path,
+    raw_dir: str | Path | None,
+    overlay_dir: str | Path | None,
+    out: Mapping[str, str | Path],
+    log: Log = print,
+) -> list[Path]:
+    """The `dashboards` rule: `build_dashboards` into `out["pages"]`. `raw_dir` and
+    `overlay_dir`, the auto-interp records, are None when it is switched off
+    (`autointerp.backend: none`)."""
+    variants = {v: d for v, d in (("raw", raw_dir), ("overlay", overlay_dir)) if d is not None}
+    pages = build_dashboards(evidence_dir, variants, features_path, heads_path, ablation_path,
+                             out["pages"])
+    log(f"{len(pages)} feature dashboard(s) and an index")
     return pages

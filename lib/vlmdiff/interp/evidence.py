@@ -25,7 +25,7 @@ import torch
 import xarray as xr
 from PIL import Image
 
-from vlmdiff.files import atomic_path
+from vlmdiff.files import atomic_dir, atomic_path
 from vlmdiff.logs import Log
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class FeatureEvidence:
 
 
 def read_evidence(folder: str | Path) -> list[FeatureEvidence]:
-    """The evidence of every feature written by `evidence_job`."""
+    """The evidence of every feature written by `write_evidence`."""
     path = Path(folder) / EVIDENCE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no evidence file (run the autointerp_evidence rule)")
@@ -290,7 +290,47 @@ def feature_heads(attribution: xr.Dataset | None, label: str, variant: str,
     return ranked_heads(feature_head_scores(attribution, label, "B", variant), n)
 
 
-def evidence_job(
+@dataclass(frozen=True)
+class EvidenceSettings:
+    """Which features are described (the `autointerp` keys), the samples each gets, and the
+    heads drawn (the attribution variant that ranks them; the VSR question template)."""
+
+    contrasts: Sequence[str]
+    max_features: int
+    k: int
+    holdout: int
+    negatives: int
+    negative_max_fraction: float
+    n_heads: int
+    variant: str
+    template: str
+    batch_size: int
+    seed: int
+    device: str
+
+
+def autointerp_evidence_job(
+    *,
+    vlm_dir: str | Path,
+    val_path: str | Path,
+    spatial_path: str | Path,
+    vsr_path: str | Path,
+    stats_paths: Sequence[str | Path],
+    selected_path: str | Path,
+    sae_dirs: Mapping[int, str | Path],
+    attribution_path: str | Path,
+    settings: EvidenceSettings,
+    out: Mapping[str, str | Path],
+    log: Log = print,
+) -> list[FeatureEvidence]:
+    """The `autointerp_evidence` rule: `write_evidence` into the folder `out["evidence"]`,
+    which appears only once complete."""
+    with atomic_dir(out["evidence"]) as tmp:
+        return write_evidence(vlm_dir, val_path, spatial_path, vsr_path, stats_paths,
+                              selected_path, sae_dirs, attribution_path, tmp, settings, log)
+
+
+def write_evidence(
     vlm_dir: str | Path,
     val_path: str | Path,
     spatial_path: str | Path,
@@ -300,19 +340,7 @@ def evidence_job(
     sae_dirs: Mapping[int, str | Path],
     attribution_path: str | Path,
     out_dir: str | Path,
-    *,
-    contrasts: Sequence[str],
-    max_features: int,
-    k: int,
-    holdout: int,
-    negatives: int,
-    negative_max_fraction: float,
-    n_heads: int,
-    variant: str,
-    template: str,
-    batch_size: int,
-    seed: int,
-    device: str,
+    settings: EvidenceSettings,
     log: Log = print,
 ) -> list[FeatureEvidence]:
     """Samples, pictures, token activations and heat maps of each feature, into `out_dir`
@@ -325,36 +353,39 @@ def evidence_job(
     from vlmdiff.sae.topk import TopKSAE
 
     out = Path(out_dir)
-    table = autointerp_features(selected_path, contrasts, max_features)
+    contrasts, variant = settings.contrasts, settings.variant
+    k, batch_size = settings.k, settings.batch_size
+    table = autointerp_features(selected_path, contrasts, settings.max_features)
     keys = [(int(a), int(b)) for a, b in zip(table["layer"], table["feature"], strict=True)]
     log(f"{len(keys)} feature(s) of {list(contrasts)} for auto-interpretation")
     result: list[FeatureEvidence] = []
     if keys:
-        dev = resolve_device(device)
+        dev = resolve_device(settings.device)
         model, processor = load_vlm(Path(vlm_dir), dev)
-        sources = _Sources(val_path, spatial_path, vsr_path, template)
+        sources = _Sources(val_path, spatial_path, vsr_path, settings.template)
         by_layer: dict[int, list[int]] = {}
         for layer, f in keys:
             by_layer.setdefault(layer, []).append(f)
         saes = {layer: TopKSAE.load(sae_dirs[layer], device=dev) for layer in by_layer}
-        depth = k + holdout
+        depth = k + settings.holdout
         stats_top = {split: top_samples(stats_paths, split, table, depth)
                      for split in ("val", "spatial")}
         vsr_best = sample_maxima(model, processor, sources.data["VSR"].select_columns(
             ["question", "image"]), by_layer, saes, batch_size=batch_size, device=dev)
         with xr.open_dataset(attribution_path) as ds:
             attribution = ds.load()
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(settings.seed)
         for i, (layer, f) in enumerate(keys):
             label = feature_label(layer, f)
             ranked = _ranked(stats_top, vsr_best[layer][:, by_layer[layer].index(f)],
                              (layer, f), sources)
             picks = interleave(ranked, depth)
-            heads = feature_heads(attribution, label, variant, n_heads)
+            heads = feature_heads(attribution, label, variant, settings.n_heads)
             samples = _describe_rows(model, processor, sources, picks, layer, f, saes[layer],
                                      batch_size, dev)
-            negs = _negatives(model, processor, sources, rng, ranked, samples, negatives,
-                              negative_max_fraction, layer, f, saes[layer], batch_size, dev)
+            negs = _negatives(model, processor, sources, rng, ranked, samples,
+                              settings.negatives, settings.negative_max_fraction, layer, f,
+                              saes[layer], batch_size, dev)
             ev = FeatureEvidence(label, layer, f, str(table["contrast"].iloc[i]),
                                  int(table["rank"].iloc[i]), [head_label(*h) for h in heads],
                                  samples[:k], samples[k:], negs)

@@ -25,6 +25,7 @@ import pandas as pd
 import yaml
 
 from vlmdiff.files import atomic_path
+from vlmdiff.logs import Log
 
 
 @dataclass(frozen=True)
@@ -244,3 +245,24 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
+
+
+def report_job(
+    *,
+    targets: Sequence[str | Path],
+    dashboards_dir: str | Path,
+    run: str,
+    config: Mapping[str, Any],
+    benchmarks_dir: str | Path,
+    captions_dir: str | Path,
+    out: Mapping[str, str | Path],
+    log: Log = print,
+) -> Path:
+    """The `report` rule: `build_report` of the run's outputs `targets` to `out["html"]`, in
+    the run's folder."""
+    html_path = build_report(
+        targets, Path(out["html"]).parent, out["html"], run=run, config=config,
+        benchmarks_dir=benchmarks_dir, captions_dir=captions_dir, dashboards_dir=dashboards_dir,
+    )
+    log(f"{html_path}: {len(targets)} output(s) of the run")
+    return html_path

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -11,8 +13,9 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerFast
 
 from vlmdiff.inputs import prompt_texts
+from vlmdiff.logs import Log
 from vlmdiff.models.build import projector
-from vlmdiff.models.vision import patch_place_r2
+from vlmdiff.models.vision import patch_place_r2, unique_images
 
 
 @torch.no_grad()
@@ -219,3 +222,57 @@ def image_token_positions(
             rows.append({"model": name, "where": where, "depth": depth - 1,
                          "r2_column": r2_column, "r2_row": r2_row, "n_images": len(h)})
     return pd.DataFrame(rows)
+
+
+def eval_models_job(
+    *,
+    lm_dir: str | Path,
+    stage1_dir: str | Path,
+    stage2_dir: str | Path,
+    val_path: str | Path,
+    batch_size: int,
+    position_images: int,
+    scene: Mapping[str, Any],
+    device: str,
+    out: Mapping[str, str | Path],
+    log: Log = print,
+) -> dict[str, pd.DataFrame]:
+    """The `eval_models` rule: the LM and both VLM stages on the val split. Tables (CSV) and
+    figures (PNG, PDF) in `out`: `table`/`plot`/`plot_pdf` (accuracy per question family),
+    `relations`/`relations_plot`/`relations_pdf` (spatial questions per relation),
+    `errors`/`errors_plot`/`errors_pdf` (colour and shape answers), and
+    `positions`/`positions_plot`/`positions_pdf` (image tokens' patch place, on the first
+    `position_images` distinct images)."""
+    from vlmdiff.models.build import load_lm, load_vlm, resolve_device
+    from vlmdiff.plots import accuracy_bars, error_bars, position_lines, save
+    from vlmdiff.world.layouts import load_split
+
+    dev = resolve_device(device)
+    val = load_split(val_path)
+    lm, tokenizer = load_lm(lm_dir, dev)
+    vlms = {"vlm stage 1": load_vlm(stage1_dir, dev), "vlm stage 2": load_vlm(stage2_dir, dev)}
+    preds = predict_models(val, lm, tokenizer, vlms, dev, batch_size, scene)
+    table, relations = accuracy_table(val, preds), relation_table(val, preds)
+    table.to_csv(out["table"], index=False)
+    relations.to_csv(out["relations"], index=False)
+    errors = attribute_errors(val, preds)
+    errors.to_csv(out["errors"], index=False)
+    log(f"\n{table.to_string(index=False)}\n\nspatial, per relation:\n"
+        f"{relations.to_string(index=False)}\n\ncolour and shape answers:\n"
+        f"{errors.round(3).to_string(index=False)}")
+    save(accuracy_bars(table, "Held-out accuracy per question family"), out["plot"],
+         out["plot_pdf"])
+    title = "Spatial questions: held-out accuracy per relation"
+    save(accuracy_bars(relations, title, ("relation", "answer_type")), out["relations_plot"],
+         out["relations_pdf"])
+    save(error_bars(errors, "Colour and shape answers: correct, or another object's attribute"),
+         out["errors_plot"], out["errors_pdf"])
+    images = unique_images(val)
+    images = images.select(range(min(position_images, len(images))))["image"]
+    positions = image_token_positions(vlms, images, dev)
+    positions.to_csv(out["positions"], index=False)
+    log("\nimage tokens, R^2 of their patch's column and row:\n"
+        f"{positions.round(3).to_string(index=False)}")
+    save(position_lines(positions, "Image tokens: how linearly they encode their patch's place"),
+         out["positions_plot"], out["positions_pdf"])
+    return {"table": table, "relations": relations, "errors": errors, "positions": positions}

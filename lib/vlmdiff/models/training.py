@@ -7,9 +7,11 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from datasets import Dataset
 from transformers import LlavaProcessor, PreTrainedTokenizerFast
@@ -31,8 +33,11 @@ from vlmdiff.models.build import (
     load_vlm,
     make_processor,
     projector,
+    resolve_device,
+    save_atomic,
 )
 from vlmdiff.models.tokenizer import build_tokenizer
+from vlmdiff.world.layouts import load_split
 from vlmdiff.world.scenes import Scene, WorldConfig, describe
 
 
@@ -284,20 +289,88 @@ def train_vlm_stage(
     return history
 
 
-def start_vlm_stage(
-    lm_dir: str | None,
-    previous_dir: str | None,
-    vision_cfg: Mapping[str, Any] | None,
-    image_size: int | None,
+def train_lm_job(
+    *,
+    corpus_path: str | Path,
+    train_path: str | Path,
+    vsr_path: str | Path,
+    prompts_path: str | Path,
+    lm: Mapping[str, Any],
+    scene: Mapping[str, Any],
     seed: int,
-    vision_dir: str | None = None,
-) -> tuple[torch.nn.Module, LlavaProcessor, int]:
-    """Stage 1 builds the VLM around the pretrained LM (and the pretrained vision tower in
-    `vision_dir`, else a fresh one); stage 2 continues from stage 1."""
-    if lm_dir is not None:
-        lm, tokenizer = load_lm(lm_dir)
-        tower = load_vision_tower(vision_dir) if vision_dir is not None else None
-        vlm = build_vlm(lm, tokenizer, vision_cfg, image_size, seed, vision_tower=tower)
-        return vlm, make_processor(tokenizer, image_size, vision_cfg["patch_size"]), 1
+    device: str,
+    out: Mapping[str, str | Path],
+    log: Log = print,
+) -> list[dict[str, float]]:
+    """The `train_lm` rule: `pretrain_lm` on the world's splits and neutral prompts (a JSON
+    list); the LM and its tokenizer to `out["model"]`, the loss history to `out["history"]`."""
+    with open(prompts_path) as fh:
+        prompts = json.load(fh)
+    model, tokenizer, history = pretrain_lm(
+        load_split(corpus_path), load_split(train_path), load_split(vsr_path), prompts,
+        scene, lm, seed, resolve_device(device), log,
+    )
+    save_atomic([model, tokenizer], out["model"])
+    pd.DataFrame(history).to_csv(out["history"], index=False)
+    return history
+
+
+def train_vlm_stage1_job(
+    *,
+    lm_dir: str | Path,
+    vision_dir: str | Path,
+    train_path: str | Path,
+    vision: Mapping[str, Any],
+    image_size: int,
+    optim: Mapping[str, Any],
+    scene: Mapping[str, Any],
+    seed: int,
+    device: str,
+    out: Mapping[str, str | Path],
+    log: Log = print,
+) -> list[dict[str, float]]:
+    """The `train_vlm_stage1` rule: the VLM built around the pretrained LM and vision tower,
+    LLaVA stage 1 (`optim`, the `vlm.stage1` section) on the train split; the VLM and its
+    processor to `out["model"]`, the loss history to `out["history"]`."""
+    lm_model, tokenizer = load_lm(lm_dir)
+    tower = load_vision_tower(vision_dir)
+    vlm = build_vlm(lm_model, tokenizer, vision, image_size, seed, vision_tower=tower)
+    processor = make_processor(tokenizer, image_size, vision["patch_size"])
+    return _train_stage_and_save(vlm, processor, 1, train_path, optim, scene, seed, device, out, log)
+
+
+def train_vlm_stage2_job(
+    *,
+    previous_dir: str | Path,
+    train_path: str | Path,
+    optim: Mapping[str, Any],
+    scene: Mapping[str, Any],
+    seed: int,
+    device: str,
+    out: Mapping[str, str | Path],
+    log: Log = print,
+) -> list[dict[str, float]]:
+    """The `train_vlm_stage2` rule: the stage-1 VLM in `previous_dir`, LLaVA stage 2 (`optim`,
+    the `vlm.stage2` section); outputs as `train_vlm_stage1_job`'s."""
     vlm, processor = load_vlm(previous_dir)
-    return vlm, processor, 2
+    return _train_stage_and_save(vlm, processor, 2, train_path, optim, scene, seed, device, out, log)
+
+
+def _train_stage_and_save(
+    vlm: torch.nn.Module,
+    processor: LlavaProcessor,
+    stage: int,
+    train_path: str | Path,
+    optim: Mapping[str, Any],
+    scene: Mapping[str, Any],
+    seed: int,
+    device: str,
+    out: Mapping[str, str | Path],
+    log: Log,
+) -> list[dict[str, float]]:
+    """One LLaVA stage of `vlm` (`train_vlm_stage`), then the model, processor and history."""
+    history = train_vlm_stage(vlm, processor, load_split(train_path), stage, optim, seed,
+                              resolve_device(device), log, scene_cfg=scene)
+    save_atomic([vlm.cpu(), processor], out["model"])
+    pd.DataFrame(history).to_csv(out["history"], index=False)
+    return history

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -163,6 +164,42 @@ def pretrain_vision(
     log("vision held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return history, metrics
 
+
+
+def pretrain_vision_job(
+    *,
+    train_path: str | Path,
+    vision: Mapping[str, Any],
+    scene: Mapping[str, Any],
+    image_size: int,
+    seed: int,
+    device: str,
+    out: Mapping[str, str | Path],
+    log: Log = print,
+) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """The `pretrain_vision` rule: a fresh tower of the `vision` config, `pretrain_vision` on
+    the train split's images (`vision["pretrain"]`); the tower to `out["model"]`, the loss
+    history to `out["history"]`, the held-out accuracies to `out["metrics"]` (JSON)."""
+    import pandas as pd
+
+    from vlmdiff.models.build import (
+        build_vision_tower,
+        make_image_processor,
+        resolve_device,
+        save_atomic,
+    )
+    from vlmdiff.world.datasets import write_json
+    from vlmdiff.world.layouts import load_split
+
+    tower = build_vision_tower(vision, image_size, seed)
+    history, metrics = pretrain_vision(
+        tower, load_split(train_path), make_image_processor(image_size), scene,
+        vision["pretrain"], seed, resolve_device(device), log,
+    )
+    save_atomic([tower.cpu()], out["model"])
+    pd.DataFrame(history).to_csv(out["history"], index=False)
+    write_json(metrics, out["metrics"])
+    return history, metrics
 
 @torch.no_grad()
 def patch_accuracy(

@@ -209,3 +209,103 @@ def regime_summary(table: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({"mean": g.mean(), "std": g.std(), "min": g.min(), "max": g.max()})
     out["best"] = out["mean"] == out["mean"].min()
     return out.reindex([r for r in REGIMES if r in out.index]).reset_index()
+
+
+# ------------------------------------------------------------------------- workflow jobs
+
+
+def train_base_sae_job(
+    *,
+    layer: int,
+    train_paths: Sequence[str | Path],
+    eval_paths: Sequence[str | Path],
+    train: Mapping[str, Any],
+    k: int,
+    expansion: int,
+    eval_tokens: int,
+    seed: int,
+    device: str,
+    out: Mapping[str, str | Path],
+    log: Log = print,
+) -> pd.DataFrame:
+    """The `train_base_sae` rule: `train_base` for `layer` under the `sae.base` section `train`
+    (seed `seed + layer`), checkpoints beside the SAE; the SAE to `out["sae"]`, the history to
+    `out["history"]`."""
+    cfg = train_config(train, "sae.base", k, seed + layer, device)
+    history = train_base(layer, train_paths, eval_paths, cfg, expansion, eval_tokens,
+                         out["sae"], f"{out['sae']}.checkpoint", log=log)
+    history.to_csv(out["history"], index=False)
+    return history
+
+
+def adapt_sae_job(
+    *,
+    layer: int,
+    regime: str,
+    base_dir: str | Path,
+    train_paths: Sequence[str | Path],
+    eval_paths: Sequence[str | Path],
+    train: Mapping[str, Any],
+    k: int,
+    eval_tokens: int,
+    seed: int,
+    device: str,
+    checkpoint_dir: str | Path,
+    out: Mapping[str, str | Path],
+    log: Log = print,
+) -> pd.DataFrame:
+    """The `adapt_sae` rule: `adapt` the base SAE of `layer` under `regime` and the `sae.adapt`
+    section `train` (seed `seed + layer`); the SAE to `out["sae"]`, the history to
+    `out["history"]`."""
+    cfg = train_config(train, "sae.adapt", k, seed + layer, device)
+    history = adapt(layer, regime, base_dir, train_paths, eval_paths, cfg, eval_tokens,
+                    out["sae"], checkpoint_dir, log=log)
+    history.to_csv(out["history"], index=False)
+    return history
+
+
+def decoder_cosine_job(
+    *,
+    layers: Sequence[int],
+    regimes: Sequence[str],
+    base_dirs: Sequence[str | Path],
+    adapted_dirs: Sequence[str | Path],
+    out: Mapping[str, str | Path],
+    log: Log = print,
+) -> xr.DataArray:
+    """The `decoder_cosine` rule: `decoder_cosines` of the base SAEs (one per layer of
+    `layers`) and the adapted ones (every regime of `regimes`, then every layer, in that
+    order) to `out["netcdf"]`; the mean per regime and layer logged."""
+    base = dict(zip(layers, base_dirs, strict=True))
+    pairs = [(r, layer) for r in regimes for layer in layers]
+    cos = decoder_cosines(base, dict(zip(pairs, adapted_dirs, strict=True)))
+    cos.to_netcdf(out["netcdf"])
+    log(cos.mean("feature").to_pandas().round(3).to_string())
+    return cos
+
+
+def adaptation_figures_job(
+    *,
+    history_paths: Sequence[str | Path],
+    splice_paths: Sequence[str | Path],
+    cosine_path: str | Path,
+    out: Mapping[str, str | Path],
+    log: Log = print,
+) -> pd.DataFrame:
+    """The `adaptation_figures` rule: the per-(layer, regime) table (`out["table"]`), its
+    per-regime summary (`out["summary"]`) and figures 1, 5 and 6 (`fig1`, `fig5`, `fig6`, each
+    with a `_pdf`)."""
+    from vlmdiff.plots import fig1_fvu_curves, fig5_decoder_cosine, fig6_fvu_per_layer, save
+
+    histories = read_histories(history_paths)
+    splice = pd.concat([pd.read_csv(p) for p in splice_paths], ignore_index=True)
+    table = final_table(histories, splice)
+    summary = regime_summary(table)
+    table.to_csv(out["table"], index=False)
+    summary.to_csv(out["summary"], index=False)
+    log("\n" + summary.to_string(index=False))
+    save(fig1_fvu_curves(histories, summary), out["fig1"], out["fig1_pdf"])
+    with xr.open_dataarray(cosine_path) as cos:
+        save(fig5_decoder_cosine(cos.load()), out["fig5"], out["fig5_pdf"])
+    save(fig6_fvu_per_layer(histories), out["fig6"], out["fig6_pdf"])
+    return table

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
+from vlmdiff.files import write_table
 from vlmdiff.hooks import Replace, replace_layer_output, sae_replacement
 from vlmdiff.inputs import encode_eval_batch, eval_texts
 from vlmdiff.sae.topk import TopKSAE
@@ -249,38 +250,44 @@ def _load_eval(vlm_dir: str, val_path: str, samples: int, seed: int, device: str
 
 
 def splice_baseline_job(
+    *,
     vlm_dir: str,
     val_path: str,
     layers: Sequence[int],
-    *,
     samples: int,
     batch_size: int,
     seed: int,
     device: str,
     targets: str = "answer",
+    out: Mapping[str, str],
     log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
-    """`zero_ablation_metrics` on the splice sample of `val`, once for all regimes."""
+    """The `splice_baseline` rule: `zero_ablation_metrics` on the splice sample of `val`, once
+    for all regimes, to `out["table"]`."""
     model, processor, val, dev = _load_eval(vlm_dir, val_path, samples, seed, device)
-    return zero_ablation_metrics(model, processor, val, layers, dev, batch_size, log, targets)
+    table = zero_ablation_metrics(model, processor, val, layers, dev, batch_size, log, targets)
+    write_table(table, out["table"])
+    return table
 
 
-def splice_job(
+def splice_eval_job(
+    *,
     vlm_dir: str,
     val_path: str,
     sae_dirs: Mapping[int, str],
     regime: str,
-    *,
     samples: int,
     batch_size: int,
     seed: int,
     device: str,
     baseline_path: str | None = None,
     targets: str = "answer",
+    out: Mapping[str, str],
     log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
-    """Load the VLM, a held-out sample of `val` and the regime's SAEs; return splice metrics
-    (the zero-ablated losses from `baseline_path`, a `splice_baseline_job` table, when given)."""
+    """The `splice_eval` rule: the VLM, a held-out sample of `val` and the regime's SAEs;
+    splice metrics (the zero-ablated losses from `baseline_path`, a `splice_baseline_job`
+    table, when given) to `out["table"]`."""
     model, processor, val, dev = _load_eval(vlm_dir, val_path, samples, seed, device)
     saes = {layer: TopKSAE.load(path, device=dev) for layer, path in sae_dirs.items()}
     baseline = None if baseline_path is None else pd.read_csv(baseline_path)
@@ -288,4 +295,6 @@ def splice_job(
         model, processor, val, saes, regime_span(regime, model.config.image_token_id), dev,
         batch_size, log, baseline, targets,
     )
-    return table.assign(regime=regime)
+    table = table.assign(regime=regime)
+    write_table(table, out["table"])
+    return table

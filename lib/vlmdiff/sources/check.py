@@ -166,12 +166,35 @@ def write_check(result: Mapping[str, Any], path: str | os.PathLike) -> None:
     write_json(json.loads(json.dumps(result)), path)
 
 
-def import_sae(
-    source: Mapping[str, Any], layer: int, k: int, dst: str | os.PathLike, log: Log = print
+def check_sources_job(
+    *,
+    source: Mapping[str, Any],
+    layers: Sequence[int],
+    config_layers: int,
+    out: Mapping[str, str | os.PathLike],
+    log: Log = print,
+) -> dict[str, Any] | None:
+    """The `check_sources` rule: `check_sources` (the Hub's JSON files fetched too), its result
+    logged and written to `out["check"]`."""
+    result = check_sources(source, layers, config_layers)
+    log(f"sources fit: {result}")
+    write_check(result, out["check"])
+    return result
+
+
+def import_base_sae_job(
+    *,
+    source: Mapping[str, Any],
+    layer: int,
+    k: int,
+    out: Mapping[str, str | os.PathLike],
+    log: Log = print,
 ) -> dict[str, Any]:
-    """One layer's Llama-Scope SAE (local release folder or Hub id) saved as our TopK SAE."""
+    """The `import_base_sae` rule: one layer's Llama-Scope SAE (local release folder or Hub id)
+    saved as our TopK SAE in `out["sae"]`."""
     from vlmdiff.sources.llama_scope import convert_llama_scope, snapshot_layer
 
+    dst = out["sae"]
     root, pattern = source["llama_scope"], source["llama_scope_layer_folder"]
     if is_local(root):
         folder = sae_layer_folder(Path(root).expanduser(), pattern, layer)

@@ -437,8 +437,8 @@ def import_vlm(
     base_lm: str | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
-    """The workflow's import job: an HF Llava folder at `dst` from a local folder or Hub id in
-    either format (HF Llava is copied as is)."""
+    """An HF Llava folder at `dst` from a local folder or Hub id in either format (HF Llava is
+    copied as is)."""
     folder = resolve_source(source, key, revision=revision)
     raw = read_json(folder / "config.json")
     fmt = model_format(raw)
@@ -462,8 +462,32 @@ def import_vlm(
     return summary
 
 
-def import_lm(source: str, dst: str | os.PathLike, *, revision: str | None = None, log: Log = print) -> dict[str, Any]:
-    """The base language model (an HF Llama folder or Hub id) copied to `dst`."""
+def import_vlm_job(
+    *,
+    source: str,
+    key: str,
+    revision: str | None,
+    vision_tower: str | None,
+    base_lm: str | None,
+    out: Mapping[str, str | os.PathLike],
+    log: Log = print,
+) -> dict[str, Any]:
+    """The `import_vlm` and `import_vlm_stage1` rules: `import_vlm` into `out["model"]`, its
+    summary to `out["summary"]` (JSON)."""
+    from vlmdiff.world.datasets import write_json
+
+    summary = import_vlm(source, out["model"], key=key, revision=revision,
+                         vision_tower=vision_tower, base_lm=base_lm, log=log)
+    write_json(summary, out["summary"])
+    return summary
+
+
+def import_lm_job(
+    *, source: str, revision: str | None, out: Mapping[str, str | os.PathLike], log: Log = print
+) -> dict[str, Any]:
+    """The `import_lm` rule: the base language model (an HF Llama folder or Hub id) copied to
+    `out["model"]`."""
+    dst = out["model"]
     folder = resolve_source(source, "source.lm", revision=revision)
     raw = read_json(folder / "config.json")
     if model_format(raw) != "llama":

@@ -310,3 +310,70 @@ def import_vsr(
         "positive_fraction": round(float(labels.mean()), 4) if len(labels) else None,
         "relations": dict(sorted(Counter(cols["relation"]).items())),
     }
+
+
+def import_vqav2_job(
+    *,
+    vqav2: Mapping[str, Any],
+    revision: str | None,
+    spatial_keywords: Sequence[str],
+    ocr_keywords: Sequence[str],
+    neutral_prompts: Sequence[str],
+    seed: int,
+    out: Mapping[str, str | os.PathLike],
+    log: Log = print,
+) -> dict[str, Any]:
+    """The `import_vqav2` rule: the `source.vqav2` section's `path` (a local folder, or a Hub
+    id whose two splits are fetched), `import_vqav2` into the folder of `out["train"]`, then
+    `out["neutral_prompts"]` and `out["summary"]`."""
+    from vlmdiff.sources.llava_more import resolve_source
+    from vlmdiff.world.datasets import write_json
+
+    splits = [vqav2["adapt_split"], vqav2["base_split"]]
+    root = resolve_source(vqav2["path"], "source.vqav2.path", revision=revision,
+                          allow_patterns=vqav2_patterns(splits))
+    summary = import_vqav2(
+        root,
+        Path(out["train"]).parent,
+        adapt_split=vqav2["adapt_split"],
+        adapt_samples=vqav2["adapt_samples"],
+        base_split=vqav2["base_split"],
+        base_samples=vqav2["base_samples"],
+        contrast_samples=vqav2["contrast_samples"],
+        spatial_keywords=spatial_keywords,
+        ocr_keywords=ocr_keywords,
+        seed=seed,
+        log=log,
+    )
+    write_json(list(neutral_prompts), out["neutral_prompts"])
+    write_json(summary, out["summary"])
+    return summary
+
+
+def import_vsr_job(
+    *,
+    vsr: Mapping[str, Any],
+    revision: str | None,
+    seed: int,
+    out: Mapping[str, str | os.PathLike],
+    log: Log = print,
+) -> dict[str, Any]:
+    """The `import_vsr` rule: the `source.vsr` section's `path` (a local folder, or a Hub id
+    whose JSONL files are fetched), `import_vsr` into `out["vsr"]`, then `out["summary"]`."""
+    from vlmdiff.sources.llava_more import resolve_source
+    from vlmdiff.world.datasets import write_json
+
+    source = resolve_source(vsr["path"], "source.vsr.path", revision=revision,
+                            allow_patterns=["*.jsonl"])
+    summary = import_vsr(
+        source,
+        vsr["coco_images"],
+        out["vsr"],
+        split=vsr["split"],
+        samples=vsr["samples"],
+        missing_images=vsr["missing_images"],
+        seed=seed,
+        log=log,
+    )
+    write_json(summary, out["summary"])
+    return summary

@@ -452,3 +452,34 @@ def write_world(
     write_json(summary, out_dir / "summary.json")
     log(f"world written to {out_dir} in {time.monotonic() - t0:.1f} s")
     return summary
+
+
+def world_job(
+    *,
+    scene: Mapping[str, Any],
+    seed: int,
+    sizes: Mapping[str, int],
+    questions_per_image: int,
+    spatial_keywords: Sequence[str],
+    ocr_keywords: Sequence[str],
+    neutral_prompts: Sequence[str],
+    out: Mapping[str, str | os.PathLike],
+    log: Log = print,
+) -> dict[str, Any]:
+    """The `world` rule: `write_world` into the folder of `out["summary"]`, where the rule's
+    other outputs (one parquet file per split, `neutral_prompts`) lie; `sizes` has the question
+    rows of `train` and `val` and the rows of `vsr` and `corpus`."""
+    return write_world(
+        scene,
+        seed,
+        Path(out["summary"]).parent,
+        n_train=sizes["train"],
+        n_val=sizes["val"],
+        n_vsr=sizes["vsr"],
+        n_corpus=sizes["corpus"],
+        questions_per_image=questions_per_image,
+        spatial_keywords=spatial_keywords,
+        ocr_keywords=ocr_keywords,
+        neutral_prompts=neutral_prompts,
+        log=log,
+    )
