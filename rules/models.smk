@@ -82,6 +82,8 @@ if TRAIN_MODELS:
             gpu=1,
         params:
             vision=config["vision"],
+            position_code=config["vlm"]["image_position_code"],
+            position_scale=config["vlm"]["image_position_scale"],
             optim=config["vlm"]["stage1"],
             scene=config["world"]["scene"],
             image_size=config["world"]["scene"]["image_size"],

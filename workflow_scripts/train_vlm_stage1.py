@@ -8,6 +8,8 @@ train_vlm_stage1_job(
     vision_dir=inp.vision,
     train_path=inp.train,
     vision=p.vision,
+    position_code=p.position_code,
+    position_scale=p.position_scale,
     image_size=p.image_size,
     optim=p.optim,
     scene=p.scene,

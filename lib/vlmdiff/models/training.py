@@ -321,6 +321,8 @@ def train_vlm_stage1_job(
     vision_dir: str | Path,
     train_path: str | Path,
     vision: Mapping[str, Any],
+    position_code: str,
+    position_scale: float,
     image_size: int,
     optim: Mapping[str, Any],
     scene: Mapping[str, Any],
@@ -329,12 +331,14 @@ def train_vlm_stage1_job(
     out: Mapping[str, str | Path],
     log: Log = print,
 ) -> list[dict[str, float]]:
-    """The `train_vlm_stage1` rule: the VLM built around the pretrained LM and vision tower,
-    LLaVA stage 1 (`optim`, the `vlm.stage1` section) on the train split; the VLM and its
-    processor to `out["model"]`, the loss history to `out["history"]`."""
+    """The `train_vlm_stage1` rule: the VLM built around the pretrained LM and vision tower
+    (with the `vlm.image_position_code`, which stage 2 inherits from the saved folder), LLaVA
+    stage 1 (`optim`, the `vlm.stage1` section) on the train split; the VLM and its processor
+    to `out["model"]`, the loss history to `out["history"]`."""
     lm_model, tokenizer = load_lm(lm_dir)
     tower = load_vision_tower(vision_dir)
-    vlm = build_vlm(lm_model, tokenizer, vision, image_size, seed, vision_tower=tower)
+    vlm = build_vlm(lm_model, tokenizer, vision, image_size, seed, vision_tower=tower,
+                    position_code=position_code, position_scale=position_scale)
     processor = make_processor(tokenizer, image_size, vision["patch_size"])
     return _train_stage_and_save(vlm, processor, 1, train_path, optim, scene, seed, device, out, log)
 
