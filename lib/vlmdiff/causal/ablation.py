@@ -302,6 +302,34 @@ class EvalSettings:
     device: str
 
 
+def eval_setup(
+    inputs: Mapping[str, Any], params: Mapping[str, Any]
+) -> tuple[EvalInputs, EvalSettings]:
+    """`EvalInputs` and `EvalSettings` from the named inputs and params that the ablation and
+    steering rules share, as plain mappings (a script passes `dict(snakemake.input.items())`)."""
+    a = params["ablation"]
+    files = EvalInputs(
+        vlm_dir=inputs["vlm"],
+        vsr_path=inputs["vsr"],
+        val_path=inputs["val"],
+        selected_path=inputs["selected"],
+        features_path=inputs["features"],
+        sae_dirs=dict(zip(params["layers"], list(inputs["saes"]), strict=True)),
+        vsr_acts_path=inputs["acts"],
+    )
+    settings = EvalSettings(
+        contrast=params["contrast"],
+        max_features=params["max_features"],
+        template=params["template"],
+        top_vsr=a["top_vsr"],
+        min_relation_share=a["min_relation_share"],
+        positions=a["positions"],
+        batch_size=a["batch_size"],
+        device=params["device"],
+    )
+    return files, settings
+
+
 class _EvalSetup:
     """The VLM and features, VSR as questions, D_base's yes/no pool, the VSR activations."""
 
