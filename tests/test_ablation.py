@@ -1,5 +1,6 @@
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from vlmdiff.causal import ablation as ab
 from vlmdiff.causal import tables
@@ -113,3 +114,16 @@ def test_tables_rank_by_vsr_drop_and_say_when_empty(tmp_path):
     assert "EMPTY" in (tmp_path / "t1.md").read_text()
     assert "EMPTY" in (tmp_path / "t2.tex").read_text()
     assert len(pd.read_csv(tmp_path / "t1.csv")) == 0
+
+
+def test_eval_setup_builds_the_shared_settings_from_plain_mappings():
+    inputs = {"vlm": "m", "vsr": "v.parquet", "val": "val.parquet", "selected": "s.parquet",
+              "features": "f.parquet", "saes": ["sae0", "sae1"], "acts": "a.nc"}
+    params = {"layers": [0, 1], "contrast": "spatial", "max_features": 2, "template": "{question}",
+              "device": "cpu", "ablation": {"top_vsr": 8, "min_relation_share": 0.25,
+                                            "positions": "text", "batch_size": 4}}
+    files, settings = ab.eval_setup(inputs, params)
+    assert files.sae_dirs == {0: "sae0", 1: "sae1"} and files.vsr_acts_path == "a.nc"
+    assert (settings.top_vsr, settings.positions, settings.device) == (8, "text", "cpu")
+    with pytest.raises(ValueError):  # a layer without its SAE folder
+        ab.eval_setup({**inputs, "saes": ["sae0"]}, params)
