@@ -137,6 +137,11 @@ def ref_answer(scene: dict, question: str) -> tuple[str, str | None]:
         v = named[name]["x" if axis == "column" else "y"]
         cell = 1 + int(v // (scene["image_size"] / GRID))  # 8 cells of 6 px on a 48 px image
         return str(min(cell, GRID)), None
+    if m := re.fullmatch(rf"is the {NAME} in the (left|right|top|bottom) half\?", question):
+        o, mid = named[m[1]], scene["image_size"] / 2
+        inside = {"left": o["x"] < mid, "right": o["x"] >= mid, "top": o["y"] < mid,
+                  "bottom": o["y"] >= mid}[m[2]]
+        return yn[inside], None
     if m := re.fullmatch(r"what letter is (?:written )?on the (\w+(?: \w+)?)\?", question):
         text = _only(_select(objs, m[1]))["text"]
         assert text, "asked for the letter of an object without one"
@@ -382,17 +387,26 @@ def test_position_questions_match_reference() -> None:
     """Off by default; when asked, the answer is the text description's cell of the centre."""
     cfg = WorldConfig.from_mapping({"family_weights": {f: 0 for f in FAMILIES} | {"position": 1}})
     cells: Counter[str] = Counter()
+    halves: Counter[str] = Counter()
     for scene, qa in many_questions(21, 300, 3, cfg):
-        assert qa.family == "position" and qa.answer_type == "number", qa
-        assert qa.question.startswith(qa.question_type)
+        assert qa.family == "position" and qa.question.startswith(qa.question_type), qa
         answer, rel = ref_answer(scene.to_dict(), qa.question)
         assert (qa.answer, qa.relation) == (answer, rel), (qa, scene)
+        if qa.answer_type == "yes/no":
+            halves[f"{qa.question.split()[-2]} {qa.answer}"] += 1
+            continue
+        assert qa.answer_type == "number", qa
         axis = "column" if "column" in qa.question else "row"
         text = re.search(rf"{qa.subj} (?:with the letter \w )?at column (\d) row (\d)", describe(scene, cfg))
         assert text[1 if axis == "column" else 2] == qa.answer
         cells[qa.answer] += 1
     # Centres keep half an object (>= 6 px) from the border, so the outer cells stay empty.
     assert set(cells) == {str(k) for k in range(2, GRID)}
+    # The half questions are about as many as the cell questions, and balanced per half.
+    assert 0.4 < sum(halves.values()) / (sum(halves.values()) + sum(cells.values())) < 0.6
+    for half in ("left", "right", "top", "bottom"):
+        yes, no = halves[f"{half} yes"], halves[f"{half} no"]
+        assert yes > 20 and no > 20 and abs(yes - no) / (yes + no) < 0.3, (half, yes, no)
     assert "position" not in {qa.family for _, qa in many_questions(21, 300, 3)}
 
 

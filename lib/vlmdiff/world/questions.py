@@ -1,7 +1,7 @@
 """Questions about a scene in seven families, each answer computed from the scene.
 
 Spatial relations, colour, shape, count, existence, OCR and position ("what column is the red
-circle in?"), with varied wording, single-word answers and balanced yes/no.
+circle in?", "is the red circle in the left half?"), with varied wording, single-word answers and balanced yes/no.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from vlmdiff.world.scenes import (
 )
 
 _SPATIAL_QUERY_FRACTION = 0.25  # share of spatial questions asking "what shape is left of ..."
+_POSITION_HALF_FRACTION = 0.5  # share of position questions asking "is the X in the left half?"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,8 +323,13 @@ def _ocr(scene: Scene, rng: np.random.Generator, cfg: WorldConfig, seen: Set[str
 def _position(
     scene: Scene, rng: np.random.Generator, cfg: WorldConfig, seen: Set[str]
 ) -> QA | None:
-    """ "what column is the red circle in?": the `text_grid` cell of the object's centre, the
-    number that the text corpus writes after "column" / "row"."""
+    """A one-hop look-up of one named object's place: "is the red circle in the left half?"
+    (balanced yes/no, `_POSITION_HALF_FRACTION` of them) or "what column is the red circle in?"
+    (the `text_grid` cell of its centre, the number the text corpus writes after "column")."""
+    if rng.random() < _POSITION_HALF_FRACTION:
+        qa = _pick_balanced(rng, _fresh(_half_questions(scene), seen))
+        if qa is not None:
+            return qa
     qas = []
     for o in scene.objects:
         for axis, v in (("column", o.x), ("row", o.y)):
@@ -335,6 +341,18 @@ def _position(
                 qas.append(QA(q, cell, "position", None, "number", qtype, o.name))
     qas = _fresh(qas, seen)
     return _pick(rng, qas) if qas else None
+
+
+def _half_questions(scene: Scene) -> list[QA]:
+    """ "is the red circle in the left half?" for every object and half; the centre decides."""
+    mid = scene.image_size / 2
+    qas = []
+    for o in scene.objects:
+        for half, inside in (("left", o.x < mid), ("right", o.x >= mid),
+                             ("top", o.y < mid), ("bottom", o.y >= mid)):
+            q = f"is the {o.name} in the {half} half?"
+            qas.append(QA(q, _word(inside), "position", None, "yes/no", "is the", o.name))
+    return qas
 
 
 FamilyMaker = Callable[[Scene, np.random.Generator, WorldConfig, Set[str]], "QA | None"]
