@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from vlmdiff import config
-from vlmdiff.sae.topk import TopKSAE
+from vlmdiff.sae.topk import ForwardOutput, TopKSAE
 
 CHECKPOINT_FILE = "train_state.pt"
 
@@ -340,6 +340,36 @@ def train_sae(
     return TrainResult(state.history, state.tokens_seen, state.step, resumed_from)
 
 
+def optimiser_step(
+    sae: TopKSAE,
+    opt: torch.optim.Optimizer,
+    x: Tensor,
+    loss_mask: Tensor,
+    dead_mask: Tensor | None,
+    *,
+    auxk_alpha: float,
+    k_aux: int | None = None,
+) -> tuple[ForwardOutput, float]:
+    """Forward, FVU + `auxk_alpha` * AuxK, backward, decoder-gradient projection, the optimiser's
+    step and unit-norm renormalisation; returns the forward's output and the loss.
+
+    Raises FloatingPointError, before any parameter changes, when the loss is not finite.
+    """
+    out = sae(x, dead_mask=dead_mask, loss_mask=loss_mask, k_aux=k_aux)
+    loss = out.fvu + auxk_alpha * out.auxk_loss
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(
+            f"loss is {loss_value} (fvu {out.fvu.item()}, auxk {out.auxk_loss.item()})"
+        )
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    opt.step()
+    sae.set_decoder_norm_to_unit_norm()
+    return out, loss_value
+
+
 def _step(
     sae: TopKSAE,
     opt: torch.optim.Optimizer,
@@ -353,19 +383,14 @@ def _step(
 ) -> tuple[float, float, float]:
     """One optimiser step; updates the dead-latent counters and token count in `state`."""
     dead_mask = state.tokens_since_fired >= cfg.dead_tokens_threshold
-    out = sae(x, dead_mask=dead_mask, loss_mask=m, k_aux=cfg.k_aux)
-    loss = out.fvu + cfg.auxk_alpha * out.auxk_loss
-    loss_value = loss.item()
-    if not math.isfinite(loss_value):
-        raise FloatingPointError(
-            f"layer {layer}, regime {regime!r}, step {state.step + 1}: loss is {loss_value} "
-            f"(fvu {out.fvu.item()}, auxk {out.auxk_loss.item()})"
+    try:
+        out, loss_value = optimiser_step(
+            sae, opt, x, m, dead_mask, auxk_alpha=cfg.auxk_alpha, k_aux=cfg.k_aux
         )
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    sae.remove_gradient_parallel_to_decoder_directions()
-    opt.step()
-    sae.set_decoder_norm_to_unit_norm()
+    except FloatingPointError as e:
+        raise FloatingPointError(
+            f"layer {layer}, regime {regime!r}, step {state.step + 1}: {e}"
+        ) from e
 
     with torch.no_grad():
         acts, indices = out.latent_acts[m], out.latent_indices[m]
