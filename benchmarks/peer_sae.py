@@ -1,9 +1,9 @@
 """One TopK SAE training step of vlmdiff, sparsify and SAELens, in one process on the same data.
 
 Each library trains its own TopK SAE from the same initial weights (vlmdiff's `from_random`:
-unit-norm decoder columns, encoder = decoder transpose, zero biases) with Adam at the same
-learning rate (`lr_at`'s rule, 2e-4 / sqrt(d_sae / 2**14)) on the same batches in the same
-order. A step is what each library's trainer does per batch:
+unit-norm decoder columns, encoder = decoder transpose, zero biases) with Adam (each as its
+trainer builds it) at the same learning rate (`lr_at`'s rule, 2e-4 / sqrt(d_sae / 2**14)) on
+the same batches in the same order. A step is what each library's trainer does per batch:
 
 - vlmdiff: `training.optimiser_step` (forward, FVU + AuxK, backward, decoder-gradient
   projection, Adam, unit-norm renormalisation), exactly as `train_sae` runs it;
@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from vlmdiff.sae.topk import TopKSAE, fvu
-from vlmdiff.sae.training import optimiser_step
+from vlmdiff.sae.training import make_optimiser, optimiser_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES: dict[str, dict[str, int]] = {
@@ -95,7 +95,7 @@ def make_data(spec: dict[str, int], pool: int, seed: int) -> tuple[list[Tensor],
 def vlmdiff_trainee(init: TopKSAE, dead: Tensor | None) -> Trainee:
     sae = TopKSAE.from_random(init.d_model, init.d_sae, init.k, seed=0)
     sae.load_state_dict(init.state_dict())
-    opt = torch.optim.Adam(sae.parameters(), lr=lr_for(sae.d_sae))
+    opt = make_optimiser(sae, lr_for(sae.d_sae))
     mask_cache: dict[int, Tensor] = {}
 
     def step(x: Tensor) -> None:

@@ -194,7 +194,7 @@ def train_sae(
     sae.k = cfg.k
     torch.manual_seed(cfg.seed)
     lr = lr_at(cfg, sae.d_sae, layer)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    opt = make_optimiser(sae, lr)
     sae.set_decoder_norm_to_unit_norm()
     tag = f"[layer {layer} {regime}]"
 
@@ -340,6 +340,12 @@ def train_sae(
     return TrainResult(state.history, state.tokens_seen, state.step, resumed_from)
 
 
+def make_optimiser(sae: TopKSAE, lr: float) -> torch.optim.Adam:
+    """Adam, fused (several times faster on CPU at large sizes; the same update up to rounding)."""
+    fused = sae.device.type in ("cpu", "cuda") and sae.dtype.is_floating_point
+    return torch.optim.Adam(sae.parameters(), lr=lr, fused=fused or None)
+
+
 def optimiser_step(
     sae: TopKSAE,
     opt: torch.optim.Optimizer,
@@ -351,10 +357,7 @@ def optimiser_step(
     k_aux: int | None = None,
 ) -> tuple[ForwardOutput, float]:
     """Forward, FVU + `auxk_alpha` * AuxK, backward, decoder-gradient projection, the optimiser's
-    step and unit-norm renormalisation; returns the forward's output and the loss.
-
-    Raises FloatingPointError, before any parameter changes, when the loss is not finite.
-    """
+    step, renormalisation; FloatingPointError, with no update, if the loss is not finite."""
     out = sae(x, dead_mask=dead_mask, loss_mask=loss_mask, k_aux=k_aux)
     loss = out.fvu + auxk_alpha * out.auxk_loss
     loss_value = loss.item()
