@@ -4,7 +4,8 @@ gradients."""
 import pytest
 import torch
 import torch.nn.functional as F
-from vlmdiff.sae.sparse import decode_rows, encode_at, topk_encode
+from vlmdiff.sae import sparse
+from vlmdiff.sae.sparse import Pattern, decode_rows, encode_at, topk_scores
 from vlmdiff.sae.topk import TopKSAE
 
 D_MODEL, D_SAE, K, N = 16, 96, 6, 40
@@ -19,25 +20,38 @@ def leaves(*shapes: tuple[int, ...], seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in shapes]
 
 
-def test_decode_rows_and_its_gradient_equal_the_dense_product():
+@pytest.fixture(params=["csr", "embedding_bag"])
+def scatter(request, monkeypatch):
+    """Both ways `Pattern.scatter` has of forming the weight gradients."""
+    if request.param == "embedding_bag":
+        monkeypatch.setattr(sparse, "CSR_MAX_WIDTH", 0)
+    return request.param
+
+
+@pytest.mark.parametrize("with_pattern", [False, True])
+def test_decode_rows_and_its_gradient_equal_the_dense_product(scatter, with_pattern):
     acts, rows = leaves((N, K), (D_SAE, D_MODEL))
-    indices = torch.stack([torch.randperm(D_SAE)[:K] for _ in range(N)])
+    gen = torch.Generator().manual_seed(0)
+    indices = torch.stack([torch.randperm(D_SAE, generator=gen)[:K] for _ in range(N)])
+    indices[1] = indices[0]  # latents shared by tokens
     g = torch.randn(N, D_MODEL, dtype=torch.float64)
 
-    sparse = decode_rows(acts, indices, rows)
+    pattern = Pattern(indices, D_SAE) if with_pattern else None
+    got_out = decode_rows(acts, indices, rows, pattern)
     dense = dense_codes(acts, indices, D_SAE) @ rows
-    assert torch.allclose(sparse, dense)
-    got = torch.autograd.grad(sparse, (acts, rows), g)
+    assert torch.allclose(got_out, dense)
+    got = torch.autograd.grad(got_out, (acts, rows), g)
     want = torch.autograd.grad(dense, (acts, rows), g)
     for a, b in zip(got, want, strict=True):
         assert torch.allclose(a, b)
 
 
-def test_topk_encode_and_its_gradient_equal_dense_relu_topk():
+def test_topk_and_its_gradient_equal_dense_relu_topk(scatter):
     x, w, b = leaves((N, D_MODEL), (D_SAE, D_MODEL), (D_SAE,), seed=1)
     with torch.no_grad():
         b[:] -= 6.0  # most pre-activations negative: some rows have fewer than K positive
-    values, indices, pre = topk_encode(x, w, b, K)
+    pre, indices = topk_scores(x, w, b, K)
+    values = encode_at(x, w, b, Pattern(indices, D_SAE), pre)
     dense_pre = F.relu(F.linear(x, w, b))
     want_values = dense_pre.gather(1, indices)
     assert torch.equal(pre, dense_pre.detach())
@@ -52,11 +66,12 @@ def test_topk_encode_and_its_gradient_equal_dense_relu_topk():
         assert torch.allclose(a, c)
 
 
-def test_encode_at_gradient_equals_the_dense_gather():
+def test_encode_at_gradient_equals_the_dense_gather(scatter):
     x, w, b = leaves((N, D_MODEL), (D_SAE, D_MODEL), (D_SAE,), seed=2)
     dense_pre = F.relu(F.linear(x, w, b))
-    indices = torch.stack([torch.randperm(D_SAE)[: 2 * K] for _ in range(N)])
-    got_values = encode_at(x, w, b, indices, dense_pre.detach())
+    gen = torch.Generator().manual_seed(2)
+    indices = torch.stack([torch.randperm(D_SAE, generator=gen)[: 2 * K] for _ in range(N)])
+    got_values = encode_at(x, w, b, Pattern(indices, D_SAE), dense_pre.detach())
     want_values = dense_pre.gather(1, indices)
     assert torch.allclose(got_values, want_values)
     g = torch.randn(N, 2 * K, dtype=torch.float64)
@@ -86,7 +101,7 @@ def dense_forward(sae: TopKSAE, x, dead_mask, loss_mask, k_aux):
 
 @pytest.mark.parametrize("dead_fraction", [0.2, 0.9])
 @pytest.mark.parametrize("masked", [False, True])
-def test_forward_loss_and_gradients_equal_the_dense_reference(dead_fraction, masked):
+def test_forward_loss_and_gradients_equal_the_dense_reference(scatter, dead_fraction, masked):
     torch.manual_seed(3)
     sae = TopKSAE.from_random(D_MODEL, D_SAE, K, seed=3, norm_factor=0.7).double()
     with torch.no_grad():
@@ -101,7 +116,7 @@ def test_forward_loss_and_gradients_equal_the_dense_reference(dead_fraction, mas
     fvu, auxk = dense_forward(sae, x, dead, mask, k_aux)
     assert out.fvu.item() == pytest.approx(fvu.item(), rel=1e-10)
     assert out.auxk_loss.item() == pytest.approx(auxk.item(), rel=1e-10)
-    assert float(auxk) > 0
+    assert auxk.item() > 0
     params = list(sae.parameters())
     got = torch.autograd.grad(out.fvu + 0.5 * out.auxk_loss, params)
     want = torch.autograd.grad(fvu + 0.5 * auxk, params)

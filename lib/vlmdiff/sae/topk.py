@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from vlmdiff.sae.sparse import decode_rows, encode_at, top_among, topk_encode
+from vlmdiff.sae.sparse import Pattern, decode_rows, encode_at, reuse, top_among, topk_scores
 
 HYPERPARAMS_FILE = "hyperparams.json"
 WEIGHTS_FILE = "checkpoints/final.safetensors"
@@ -153,7 +153,9 @@ class TopKSAE(nn.Module):
     def encode(self, x: Tensor) -> EncoderOutput:
         """Top-k of `ReLU(W_enc (s x) + b_enc)` per token; `b_dec` is not subtracted first."""
         x = x.to(self.dtype) * self.norm_factor
-        return EncoderOutput(*topk_encode(x, self.W_enc, self.b_enc, self.k))
+        pre, indices = topk_scores(x, self.W_enc, self.b_enc, self.k)
+        acts = encode_at(x, self.W_enc, self.b_enc, Pattern(indices, self.d_sae), pre)
+        return EncoderOutput(acts, indices, pre)
 
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         """`(W_dec f + b_dec) / s` from sparse codes, in the input's units."""
@@ -198,10 +200,13 @@ class TopKSAE(nn.Module):
                 loss_mask = None  # the same loss, without copying every row
         x = x.to(self.dtype)
         x_in = x * self.norm_factor
-        top_acts, top_indices, pre_acts = topk_encode(
-            x_in, self.W_enc, self.b_enc, self.k, out=self._scratch(x.shape[0])
-        )
-        sae_out = self.decode(top_acts, top_indices)
+        self._pre_scratch = reuse(self._pre_scratch, (x.shape[0], self.d_sae), self.W_enc)
+        pre_acts, top_indices = topk_scores(x_in, self.W_enc, self.b_enc, self.k, self._pre_scratch)
+        # The encoder's and the decoder's gradients scatter into the same latents.
+        pattern = Pattern(top_indices, self.d_sae)
+        top_acts = encode_at(x_in, self.W_enc, self.b_enc, pattern, pre_acts)
+        sae_out = decode_rows(top_acts, top_indices, self.W_dec.T, pattern)
+        sae_out = (sae_out + self.b_dec) / self.norm_factor
 
         if loss_mask is not None:
             x_sel, out_sel, acts_sel = x[loss_mask], sae_out[loss_mask], top_acts[loss_mask]
@@ -219,23 +224,15 @@ class TopKSAE(nn.Module):
             scale = min(n_dead / k_aux, 1.0)
             if loss_mask is not None:
                 x_in, pre_acts = x_in[loss_mask], pre_acts[loss_mask]
-            aux_indices = top_among(pre_acts, dead_mask, min(k_aux, n_dead))
-            aux_acts = encode_at(x_in, self.W_enc, self.b_enc, aux_indices, pre_acts)
+            aux = Pattern(top_among(pre_acts, dead_mask, min(k_aux, n_dead)), self.d_sae)
+            aux_acts = encode_at(x_in, self.W_enc, self.b_enc, aux, pre_acts)
             # No decoder bias here: the dead latents model the residual, which has no offset.
-            err_hat = decode_rows(aux_acts, aux_indices, self.W_dec.T) / self.norm_factor
+            err_hat = decode_rows(aux_acts, aux.indices, self.W_dec.T, aux) / self.norm_factor
             auxk_loss = scale * (err_hat - err.detach()).pow(2).sum() / total_variance
         else:
             auxk_loss = fvu_.new_zeros(())
 
         return ForwardOutput(sae_out, top_acts, top_indices, fvu_, auxk_loss, l0(acts_sel))
-
-    def _scratch(self, n: int) -> Tensor:
-        """An `[n, d_sae]` tensor on the SAE's device, the same one while `n` stays the same."""
-        buf = self._pre_scratch
-        shape = (n, self.d_sae)
-        if buf is None or buf.shape != shape or (buf.device, buf.dtype) != (self.device, self.dtype):
-            buf = self._pre_scratch = torch.empty(shape, device=self.device, dtype=self.dtype)
-        return buf
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:
