@@ -22,11 +22,14 @@ held-out batch before and after the same steps shows that faster is not worse.
 
 Sizes (d_model, d_sae, k, batch tokens): toy 128/1024/16/4096, smollm2 576/4608/32/2048,
 paper 4096/32768/50/512. The peers come from the `bench` extra (`pip install -e .[bench]`);
-one that is not installed is skipped with a note.
+one that is not installed is skipped with a note. `--baseline` adds another checkout's
+vlmdiff (its `lib/`, e.g. from `git archive <commit> lib | tar -x -C /tmp/base`) as the library
+`baseline`, stepped as `train_sae` stepped then (Adam as built by its `make_optimiser`, else
+torch's default): before and after a change, in one process.
 
     python benchmarks/peer_sae.py [--sizes toy,smollm2,paper] [--auxk on,off] [--steps N]
         [--warmup N] [--threads N] [--libraries vlmdiff,sparsify,saelens]
-        [--out benchmarks/out/peer_sae.json]
+        [--baseline /tmp/base/lib] [--out benchmarks/out/peer_sae.json]
 """
 
 from __future__ import annotations
@@ -35,7 +38,11 @@ import argparse
 import importlib.util
 import json
 import os
+import re
+import shutil
 import statistics
+import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -178,7 +185,52 @@ def saelens_trainee(init: TopKSAE, dead: Tensor | None) -> Trainee:
     return Trainee("saelens", step, reconstruct)
 
 
-BUILDERS = {"vlmdiff": vlmdiff_trainee, "sparsify": sparsify_trainee, "saelens": saelens_trainee}
+def baseline_trainee(init: TopKSAE, dead: Tensor | None) -> Trainee:
+    """vlmdiff as of another checkout, imported as `vlmdiff_baseline` (see `load_baseline`)."""
+    import vlmdiff_baseline.sae.topk as topk
+    import vlmdiff_baseline.sae.training as training
+
+    sae = topk.TopKSAE(init.d_model, init.d_sae, init.k)
+    sae.load_state_dict(init.state_dict())
+    if hasattr(training, "make_optimiser"):
+        opt = training.make_optimiser(sae, lr_for(init.d_sae))
+    else:
+        opt = torch.optim.Adam(sae.parameters(), lr=lr_for(init.d_sae))
+
+    def step(x: Tensor) -> None:
+        out = sae(x, dead_mask=dead, loss_mask=torch.ones(x.shape[0], dtype=torch.bool))
+        loss = out.fvu + AUXK_ALPHA * out.auxk_loss
+        loss.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        sae.set_decoder_norm_to_unit_norm()
+
+    @torch.no_grad()
+    def reconstruct(x: Tensor) -> Tensor:
+        acts, indices, _ = sae.encode(x)
+        return sae.decode(acts, indices)
+
+    return Trainee("baseline", step, reconstruct)
+
+
+def load_baseline(lib: Path) -> None:
+    """Copy `lib/vlmdiff` to a temporary `vlmdiff_baseline` package and put it on sys.path."""
+    root = Path(tempfile.mkdtemp(prefix="peer_sae_baseline_"))
+    shutil.copytree(lib / "vlmdiff", root / "vlmdiff_baseline")
+    for path in (root / "vlmdiff_baseline").rglob("*.py"):
+        text = path.read_text()
+        path.write_text(re.sub(r"\bvlmdiff\.", "vlmdiff_baseline.", text))
+    sys.path.insert(0, str(root))
+
+
+BUILDERS = {
+    "vlmdiff": vlmdiff_trainee,
+    "sparsify": sparsify_trainee,
+    "saelens": saelens_trainee,
+    "baseline": baseline_trainee,
+}
 
 
 def available(libraries: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -260,6 +312,7 @@ def main() -> None:
     p.add_argument("--dead-fraction", type=float, default=0.5, help="latents dead with AuxK on")
     p.add_argument("--pool", type=int, default=4, help="distinct training batches, cycled")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--baseline", type=Path, default=None, help="another checkout's lib/")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "peer_sae.json")
     args = p.parse_args()
 
@@ -271,6 +324,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     libraries, skipped = available(wanted)
+    if args.baseline is not None:
+        load_baseline(args.baseline)
+        libraries.append("baseline")
     for lib, why in skipped.items():
         print(f"skipping {lib}: {why}")
     warnings.filterwarnings("ignore", module="sparsify")
@@ -291,6 +347,7 @@ def main() -> None:
         "load_average_1m_before": load_before,
         "load_average_1m_after": os.getloadavg()[0],
         "skipped": skipped,
+        "baseline": str(args.baseline) if args.baseline else None,
         "cases": cases,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -320,7 +377,8 @@ def print_case(case: dict[str, Any]) -> None:
 def versions(libraries: list[str]) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    dists = {"vlmdiff": "vlmdiff", "sparsify": "eai-sparsify", "saelens": "sae-lens"}
+    dists = {"vlmdiff": "vlmdiff", "sparsify": "eai-sparsify", "saelens": "sae-lens",
+             "baseline": "vlmdiff"}
     out = {}
     for lib in libraries:
         try:
@@ -338,7 +396,7 @@ def figure(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cases = result["cases"]
-    libs = sorted({lib for c in cases for lib in c["libraries"]}, key=LIBRARIES.index)
+    libs = sorted({lib for c in cases for lib in c["libraries"]}, key=[*LIBRARIES, "baseline"].index)
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(cases), 3.2))
     width = 0.8 / max(len(libs), 1)
     for j, lib in enumerate(libs):
