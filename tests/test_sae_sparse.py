@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from vlmdiff.sae import sparse
-from vlmdiff.sae.sparse import Pattern, decode_rows, encode_at, topk_scores
+from vlmdiff.sae.sparse import Pattern, decode_pattern, decode_rows, encode_at, topk_scores
 from vlmdiff.sae.topk import TopKSAE
 
 D_MODEL, D_SAE, K, N = 16, 96, 6, 40
@@ -28,17 +28,41 @@ def scatter(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("with_pattern", [False, True])
-def test_decode_rows_and_its_gradient_equal_the_dense_product(scatter, with_pattern):
+def test_decode_rows_and_its_gradient_equal_the_dense_product():
     acts, rows = leaves((N, K), (D_SAE, D_MODEL))
     gen = torch.Generator().manual_seed(0)
     indices = torch.stack([torch.randperm(D_SAE, generator=gen)[:K] for _ in range(N)])
-    indices[1] = indices[0]  # latents shared by tokens
     g = torch.randn(N, D_MODEL, dtype=torch.float64)
-
-    pattern = Pattern(indices, D_SAE) if with_pattern else None
-    got_out = decode_rows(acts, indices, rows, pattern)
+    got_out = decode_rows(acts, indices, rows)
     dense = dense_codes(acts, indices, D_SAE) @ rows
+    assert torch.allclose(got_out, dense)
+    got = torch.autograd.grad(got_out, (acts, rows), g)
+    want = torch.autograd.grad(dense, (acts, rows), g)
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b)
+
+
+def two_codes(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A top-k-like code of every token and a wider one of some tokens, sharing latents."""
+    gen = torch.Generator().manual_seed(seed)
+    top = torch.stack([torch.randperm(D_SAE, generator=gen)[:K] for _ in range(N)])
+    top[1] = top[0]
+    tokens = torch.tensor([0, 3, 4, 9, 17, 30])
+    aux = torch.stack([torch.randperm(D_SAE, generator=gen)[: 2 * K] for _ in tokens])
+    return top, tokens, aux
+
+
+def test_decode_pattern_and_its_gradient_equal_dense_products(scatter):
+    top, tokens, aux = two_codes(0)
+    pattern = Pattern(D_SAE, [(top, None), (aux, tokens)])
+    acts, rows = leaves((N * K + len(tokens) * 2 * K,), (D_SAE, D_MODEL))
+    g = torch.randn(N + len(tokens), D_MODEL, dtype=torch.float64)
+
+    got_out = decode_pattern(acts, pattern, rows)
+    a_top, a_aux = pattern.split(acts)
+    dense = torch.cat(
+        [dense_codes(a_top, top, D_SAE) @ rows, dense_codes(a_aux, aux, D_SAE) @ rows]
+    )
     assert torch.allclose(got_out, dense)
     got = torch.autograd.grad(got_out, (acts, rows), g)
     want = torch.autograd.grad(dense, (acts, rows), g)
@@ -51,7 +75,8 @@ def test_topk_and_its_gradient_equal_dense_relu_topk(scatter):
     with torch.no_grad():
         b[:] -= 6.0  # most pre-activations negative: some rows have fewer than K positive
     pre, indices = topk_scores(x, w, b, K)
-    values = encode_at(x, w, b, Pattern(indices, D_SAE), pre)
+    values = encode_at(x, w, b, Pattern(D_SAE, [(indices, None)]), pre.gather(1, indices).flatten())
+    values = values.view(N, K)
     dense_pre = F.relu(F.linear(x, w, b))
     want_values = dense_pre.gather(1, indices)
     assert torch.equal(pre, dense_pre.detach())
@@ -69,12 +94,14 @@ def test_topk_and_its_gradient_equal_dense_relu_topk(scatter):
 def test_encode_at_gradient_equals_the_dense_gather(scatter):
     x, w, b = leaves((N, D_MODEL), (D_SAE, D_MODEL), (D_SAE,), seed=2)
     dense_pre = F.relu(F.linear(x, w, b))
-    gen = torch.Generator().manual_seed(2)
-    indices = torch.stack([torch.randperm(D_SAE, generator=gen)[: 2 * K] for _ in range(N)])
-    got_values = encode_at(x, w, b, Pattern(indices, D_SAE), dense_pre.detach())
-    want_values = dense_pre.gather(1, indices)
-    assert torch.allclose(got_values, want_values)
-    g = torch.randn(N, 2 * K, dtype=torch.float64)
+    top, tokens, aux = two_codes(2)
+    pattern = Pattern(D_SAE, [(top, None), (aux, tokens)])
+    want_values = torch.cat(
+        [dense_pre.gather(1, top).flatten(), dense_pre[tokens].gather(1, aux).flatten()]
+    )
+    got_values = encode_at(x, w, b, pattern, want_values.detach())
+    assert torch.equal(got_values, want_values.detach())
+    g = torch.randn(len(want_values), dtype=torch.float64)
     got = torch.autograd.grad(got_values, (x, w, b), g)
     want = torch.autograd.grad(want_values, (x, w, b), g)
     for a, c in zip(got, want, strict=True):

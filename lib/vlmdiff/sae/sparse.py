@@ -6,8 +6,9 @@ scores every latent, everything else (decoding, and the gradients of both the de
 encoder) costs `j` rows per token instead of `d_sae`. `embedding_bag` does the gathering; it is
 fast on CPU and CUDA when the gathered rows are contiguous, which is why `TopKSAE` stores its
 decoder column-major (`W_dec.T` contiguous). The weight gradients scatter `j` rows per token
-into `[d_sae, d]`; a `Pattern` groups the entries by latent once per code, and the encoder and
-the decoder, which select the same latents, share it.
+into `[d_sae, d]`. A `Pattern` holds every latent a step selects (the top k and the AuxK ones)
+as one list, grouped by latent once, and the encoder and the decoder, which select the same
+latents, scatter through it together: one product per weight.
 """
 
 from __future__ import annotations
@@ -20,33 +21,70 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # On CPU a CSR product scatters rows up to this width faster than embedding_bag's backward
-# (1.3-2x at widths 128 and 576); at 4096 it was slower (benchmarks/peer_sae.py, docs/measurements.md).
+# (1.3-2x at widths 128 and 576); at 4096 it was slower (docs/measurements.md).
 CSR_MAX_WIDTH = 1024
 
 
 class Pattern:
-    """The latents `indices` `[n, j]` of a code over `d_sae` latents, grouped by latent on the
-    first use (a CSR layout of the code's transpose)."""
+    """Latents selected by one or more codes over `d_sae` latents, as one list of entries.
 
-    def __init__(self, indices: Tensor, d_sae: int):
-        self.indices = indices
+    Code `c` is `(indices [r, j], tokens)`: row `i` selects the latents `indices[i]` for token
+    `tokens[i]` (`None`: token `i`). Every row of every code, in order, is one output row (a
+    bag) of the decoder. The entries are grouped by latent on the first use (a CSR layout).
+    """
+
+    def __init__(self, d_sae: int, codes: list[tuple[Tensor, Tensor | None]]):
         self.d_sae = d_sae
+        self.shapes = [tuple(idx.shape) for idx, _ in codes]
+        self.latents = torch.cat([idx.reshape(-1) for idx, _ in codes])
+        dev = self.latents.device
+        self.tokens = torch.cat(
+            [t if t is not None else torch.arange(idx.shape[0], device=dev) for idx, t in codes]
+        )
+        """The token of each bag, `[bags]`."""
+        self._every_token_once = len(codes) == 1 and codes[0][1] is None
+        per_bag = torch.repeat_interleave(
+            torch.tensor([j for _, j in self.shapes]), torch.tensor([r for r, _ in self.shapes])
+        ).to(dev)
+        self.offsets = per_bag.cumsum(0) - per_bag
+        """Where each bag's entries start, `[bags]`."""
+        self.bag = torch.repeat_interleave(torch.arange(len(per_bag), device=dev), per_bag)
+        """The bag of each entry, `[entries]`."""
         self._csr: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def scatter(self, values: Tensor, dense: Tensor, weight: Tensor) -> Tensor:
-        """`G^T dense`, `[d_sae, d]`, for the sparse `G[t, indices[t, i]] = values[t, i]`.
+    def rows_of(self, x: Tensor) -> Tensor:
+        """`x[tokens]`, `[bags, d]`: each bag's token row (`x` itself for one code of every token)."""
+        if self._every_token_once:
+            return x
+        return x.index_select(0, self.tokens)
 
-        `weight` is any `[d_sae, d]` tensor of the result's dtype (only the fallback reads it).
-        """
+    def split(self, flat: Tensor) -> list[Tensor]:
+        """Values per entry, `[entries]`, as one `[r, j]` tensor per code."""
+        out, at = [], 0
+        for r, j in self.shapes:
+            out.append(flat[at : at + r * j].view(r, j))
+            at += r * j
+        return out
+
+    def scatter(self, values: Tensor, dense: Tensor, weight: Tensor) -> Tensor:
+        """`G^T dense`, `[d_sae, d]`, for `G[bag, latent] = value` of every entry and `dense`
+        `[bags, d]`; `weight` is any `[d_sae, d]` tensor of the result's dtype."""
         if dense.device.type != "cpu" or dense.shape[1] > CSR_MAX_WIDTH:
-            return _scatter_by_embedding_bag(values, self.indices, dense, weight)
+            # embedding_bag's backward scatters without forming [entries, d].
+            with torch.enable_grad():
+                leaf = weight.detach().requires_grad_()
+                out = F.embedding_bag(
+                    self.latents, leaf, self.offsets, mode="sum", per_sample_weights=values.detach()
+                )
+                (grad,) = torch.autograd.grad(out, leaf, dense)
+            return grad
         crow, cols, order = self._layout()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             g = torch.sparse_csr_tensor(
                 crow,
                 cols,
-                values.reshape(-1)[order],
+                values.index_select(0, order),
                 (self.d_sae, dense.shape[0]),
                 check_invariants=False,
             )
@@ -54,22 +92,21 @@ class Pattern:
 
     def _layout(self) -> tuple[Tensor, Tensor, Tensor]:
         if self._csr is None:
-            n, j = self.indices.shape
-            flat = self.indices.reshape(-1)
-            latent, order = flat.sort(stable=True)
-            crow = torch.zeros(self.d_sae + 1, dtype=torch.long, device=flat.device)
+            latent, order = self.latents.sort(stable=True)
+            crow = torch.zeros(self.d_sae + 1, dtype=torch.long, device=latent.device)
             crow[1:] = torch.bincount(latent, minlength=self.d_sae).cumsum(0)
-            self._csr = (crow, order // j, order)
+            self._csr = (crow, self.bag.index_select(0, order), order)
         return self._csr
 
 
-def decode_rows(
-    acts: Tensor, indices: Tensor, rows: Tensor, pattern: Pattern | None = None
-) -> Tensor:
-    """`sum_i acts[:, i] * rows[indices[:, i]]`, `[n, d]`, for codes `[n, j]` over `rows`;
-    the gradient of `rows` goes through `pattern` (of `indices`) when given."""
-    if pattern is None or not rows.requires_grad:
-        return F.embedding_bag(indices, rows, per_sample_weights=acts, mode="sum")
+def decode_rows(acts: Tensor, indices: Tensor, rows: Tensor) -> Tensor:
+    """`sum_i acts[:, i] * rows[indices[:, i]]`, `[n, d]`, for codes `[n, j]` over `rows`."""
+    return F.embedding_bag(indices, rows, per_sample_weights=acts, mode="sum")
+
+
+def decode_pattern(acts: Tensor, pattern: Pattern, rows: Tensor) -> Tensor:
+    """Every bag of `pattern` decoded, `[bags, d]`, from the entries' values `acts` `[entries]`;
+    the gradient of `rows` scatters through the pattern."""
     return _DecodeRows.apply(acts, rows, pattern)
 
 
@@ -84,10 +121,10 @@ def topk_scores(
     return pre, pre.topk(k, dim=-1, sorted=False).indices
 
 
-def encode_at(x: Tensor, weight: Tensor, bias: Tensor, pattern: Pattern, pre: Tensor) -> Tensor:
-    """`ReLU(x W^T + b)` at the latents of `pattern`, `[n, j]`, read from `pre` (its dense
-    value), with a gradient that touches only those latents."""
-    return _EncodeAt.apply(x, weight, bias, pattern, pre)
+def encode_at(x: Tensor, weight: Tensor, bias: Tensor, pattern: Pattern, values: Tensor) -> Tensor:
+    """`ReLU(x W^T + b)` at every entry of `pattern` (token and latent), given as `values`
+    `[entries]` (read from the dense product), with a gradient that touches only those."""
+    return _EncodeAt.apply(x, weight, bias, pattern, values)
 
 
 @torch.no_grad()
@@ -111,26 +148,29 @@ def reuse(buf: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
 
 class _EncodeAt(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, pattern: Pattern, pre: Tensor):
-        values = pre.gather(1, pattern.indices)
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, pattern: Pattern, values: Tensor
+    ):
         ctx.save_for_backward(x, weight, values)
         ctx.pattern = pattern
-        return values
+        return values.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):
         x, weight, values = ctx.saved_tensors
-        indices = ctx.pattern.indices
+        p: Pattern = ctx.pattern
         # ReLU: no gradient where the value was clipped to zero.
         g = grad.masked_fill(values <= 0, 0).to(weight.dtype)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(indices, weight, per_sample_weights=g, mode="sum").to(x.dtype)
+            per_bag = F.embedding_bag(
+                p.latents, weight, p.offsets, mode="sum", per_sample_weights=g
+            )
+            grad_x = torch.zeros_like(x).index_add_(0, p.tokens, per_bag.to(x.dtype))
         if ctx.needs_input_grad[1]:
-            grad_w = ctx.pattern.scatter(g, x.to(weight.dtype), weight)
+            grad_w = p.scatter(g, p.rows_of(x.to(weight.dtype)), weight)
         if ctx.needs_input_grad[2]:
-            flat = indices.reshape(-1)
-            grad_b = weight.new_zeros(weight.shape[0]).index_add_(0, flat, g.reshape(-1))
+            grad_b = weight.new_zeros(weight.shape[0]).index_add_(0, p.latents, g)
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -139,37 +179,26 @@ class _DecodeRows(torch.autograd.Function):
     def forward(ctx: Any, acts: Tensor, rows: Tensor, pattern: Pattern):
         ctx.save_for_backward(acts, rows)
         ctx.pattern = pattern
-        return F.embedding_bag(pattern.indices, rows, per_sample_weights=acts, mode="sum")
+        return F.embedding_bag(
+            pattern.latents, rows, pattern.offsets, mode="sum", per_sample_weights=acts
+        )
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):
         acts, rows = ctx.saved_tensors
+        p: Pattern = ctx.pattern
         grad_acts = grad_rows = None
         if ctx.needs_input_grad[0]:
-            # d out[t] / d acts[t, i] = rows[indices[t, i]]: embedding_bag's own kernel for the
-            # per-sample weights gathers those rows without forming [n, j, d].
-            n, j = ctx.pattern.indices.shape
-            bags = torch.arange(n, device=grad.device)
+            # d out[bag] / d acts[e] = rows[latent e]: embedding_bag's own kernel for the
+            # per-sample weights gathers those rows without forming [entries, d].
             grad_acts = torch.ops.aten._embedding_bag_per_sample_weights_backward(
                 grad.contiguous(),
                 rows,
-                ctx.pattern.indices.reshape(-1),
-                bags * j,
-                bags.repeat_interleave(j),
+                p.latents,
+                p.offsets,
+                p.bag,
                 0,  # mode 0: sum
-            ).view(n, j)
+            )
         if ctx.needs_input_grad[1]:
-            grad_rows = ctx.pattern.scatter(acts, grad, rows)
+            grad_rows = p.scatter(acts, grad, rows)
         return grad_acts, grad_rows, None
-
-
-def _scatter_by_embedding_bag(
-    values: Tensor, indices: Tensor, dense: Tensor, weight: Tensor
-) -> Tensor:
-    """`G^T dense` through the backward of `embedding_bag`, which scatters without forming
-    `[n, j, d]`."""
-    with torch.enable_grad():
-        leaf = weight.detach().requires_grad_()
-        out = F.embedding_bag(indices, leaf, per_sample_weights=values.detach(), mode="sum")
-        (grad_w,) = torch.autograd.grad(out, leaf, dense)
-    return grad_w

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from vlmdiff.sae.sparse import Pattern, decode_rows, encode_at, reuse, top_among, topk_scores
+from vlmdiff.sae import sparse
 
 HYPERPARAMS_FILE = "hyperparams.json"
 WEIGHTS_FILE = "checkpoints/final.safetensors"
@@ -118,8 +118,7 @@ class TopKSAE(nn.Module):
         self.W_dec = nn.Parameter(torch.zeros(d_sae, d_model, **kw).T)
         self.b_dec = nn.Parameter(torch.zeros(d_model, **kw))
         self.register_buffer("norm_factor", torch.tensor(float(norm_factor), **kw))
-        self._pre_scratch: Tensor | None = None
-        """`forward`'s pre-activations, reused from call to call (not part of the state)."""
+        self._pre_scratch: Tensor | None = None  # forward's pre-activations, kept for reuse
 
     @classmethod
     def from_random(
@@ -153,13 +152,15 @@ class TopKSAE(nn.Module):
     def encode(self, x: Tensor) -> EncoderOutput:
         """Top-k of `ReLU(W_enc (s x) + b_enc)` per token; `b_dec` is not subtracted first."""
         x = x.to(self.dtype) * self.norm_factor
-        pre, indices = topk_scores(x, self.W_enc, self.b_enc, self.k)
-        acts = encode_at(x, self.W_enc, self.b_enc, Pattern(indices, self.d_sae), pre)
-        return EncoderOutput(acts, indices, pre)
+        pre, indices = sparse.topk_scores(x, self.W_enc, self.b_enc, self.k)
+        code = sparse.Pattern(self.d_sae, [(indices, None)])
+        acts = sparse.encode_at(x, self.W_enc, self.b_enc, code, pre.gather(1, indices).flatten())
+        return EncoderOutput(acts.view_as(indices), indices, pre)
 
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         """`(W_dec f + b_dec) / s` from sparse codes, in the input's units."""
-        return (decode_rows(top_acts, top_indices, self.W_dec.T) + self.b_dec) / self.norm_factor
+        out = sparse.decode_rows(top_acts, top_indices, self.W_dec.T)
+        return (out + self.b_dec) / self.norm_factor
 
     def dense_acts(self, x: Tensor) -> Tensor:
         """Feature activations `[n, d_sae]`, zero outside each token's top-k."""
@@ -198,36 +199,40 @@ class TopKSAE(nn.Module):
                 )
             if bool(loss_mask.all()):
                 loss_mask = None  # the same loss, without copying every row
+        rows = loss_mask.nonzero().squeeze(1) if loss_mask is not None else None
+        n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
+        n, n_loss = x.shape[0], x.shape[0] if rows is None else rows.numel()
         x = x.to(self.dtype)
         x_in = x * self.norm_factor
-        self._pre_scratch = reuse(self._pre_scratch, (x.shape[0], self.d_sae), self.W_enc)
-        pre_acts, top_indices = topk_scores(x_in, self.W_enc, self.b_enc, self.k, self._pre_scratch)
-        # The encoder's and the decoder's gradients scatter into the same latents.
-        pattern = Pattern(top_indices, self.d_sae)
-        top_acts = encode_at(x_in, self.W_enc, self.b_enc, pattern, pre_acts)
-        sae_out = decode_rows(top_acts, top_indices, self.W_dec.T, pattern)
-        sae_out = (sae_out + self.b_dec) / self.norm_factor
+        buf = self._pre_scratch = sparse.reuse(self._pre_scratch, (n, self.d_sae), self.W_enc)
+        pre, top_indices = sparse.topk_scores(x_in, self.W_enc, self.b_enc, self.k, buf)
+        codes, values = [(top_indices, None)], [pre.gather(1, top_indices).reshape(-1)]
+        if n_dead > 0 and n_loss > 0:
+            assert dead_mask is not None
+            k_aux = k_aux if k_aux is not None else self.d_model // 2
+            scale = min(n_dead / k_aux, 1.0)
+            pre_loss = pre if rows is None else pre.index_select(0, rows)
+            aux_indices = sparse.top_among(pre_loss, dead_mask, min(k_aux, n_dead))
+            codes.append((aux_indices, rows))
+            values.append(pre_loss.gather(1, aux_indices).reshape(-1))
+        # One pattern for the top-k and the AuxK latents: the encoder's and the decoder's
+        # gradients each scatter through it in one product.
+        pattern = sparse.Pattern(self.d_sae, codes)
+        acts = sparse.encode_at(x_in, self.W_enc, self.b_enc, pattern, torch.cat(values))
+        decoded = sparse.decode_pattern(acts, pattern, self.W_dec.T)
+        top_acts = pattern.split(acts)[0]
+        sae_out = (decoded[:n] + self.b_dec) / self.norm_factor
 
-        if loss_mask is not None:
-            x_sel, out_sel, acts_sel = x[loss_mask], sae_out[loss_mask], top_acts[loss_mask]
-        else:
-            x_sel, out_sel, acts_sel = x, sae_out, top_acts
+        sel = slice(None) if rows is None else rows
+        x_sel, out_sel, acts_sel = x[sel], sae_out[sel], top_acts[sel]
 
         err = x_sel - out_sel
         total_variance = (x_sel - x_sel.mean(0)).pow(2).sum()
         fvu_ = err.pow(2).sum() / total_variance
 
-        n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
-        if n_dead > 0 and x_sel.shape[0] > 0:
-            assert dead_mask is not None
-            k_aux = k_aux if k_aux is not None else self.d_model // 2
-            scale = min(n_dead / k_aux, 1.0)
-            if loss_mask is not None:
-                x_in, pre_acts = x_in[loss_mask], pre_acts[loss_mask]
-            aux = Pattern(top_among(pre_acts, dead_mask, min(k_aux, n_dead)), self.d_sae)
-            aux_acts = encode_at(x_in, self.W_enc, self.b_enc, aux, pre_acts)
+        if len(codes) > 1:
             # No decoder bias here: the dead latents model the residual, which has no offset.
-            err_hat = decode_rows(aux_acts, aux.indices, self.W_dec.T, aux) / self.norm_factor
+            err_hat = decoded[n:] / self.norm_factor
             auxk_loss = scale * (err_hat - err.detach()).pow(2).sum() / total_variance
         else:
             auxk_loss = fvu_.new_zeros(())
