@@ -23,8 +23,9 @@ def leaves(*shapes: tuple[int, ...], seed: int = 0) -> list[torch.Tensor]:
 @pytest.fixture(params=["csr", "embedding_bag"])
 def scatter(request, monkeypatch):
     """Both ways `Pattern.scatter` has of forming the weight gradients."""
+    monkeypatch.setattr(sparse, "CSR_MIN_ENTRIES_PER_LATENT", 0)
     if request.param == "embedding_bag":
-        monkeypatch.setattr(sparse, "CSR_MAX_WIDTH", 0)
+        monkeypatch.setattr(sparse, "CSR_MIN_ENTRIES_PER_LATENT", 10**9)
     return request.param
 
 

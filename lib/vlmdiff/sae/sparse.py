@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# On CPU a CSR product scatters rows up to this width faster than embedding_bag's backward
-# (1.3-2x at widths 128 and 576); at 4096 it was slower (docs/measurements.md).
-CSR_MAX_WIDTH = 1024
+# On CPU a CSR product scatters faster than embedding_bag's backward once the average latent
+# has this many entries (toy: 64, SmolLM2 size: 14, paper size with AuxK: 32); with fewer
+# (paper size, top-k alone: 0.8) embedding_bag was faster (docs/measurements.md).
+CSR_MIN_ENTRIES_PER_LATENT = 4
 
 
 class Pattern:
@@ -69,7 +70,8 @@ class Pattern:
     def scatter(self, values: Tensor, dense: Tensor, weight: Tensor) -> Tensor:
         """`G^T dense`, `[d_sae, d]`, for `G[bag, latent] = value` of every entry and `dense`
         `[bags, d]`; `weight` is any `[d_sae, d]` tensor of the result's dtype."""
-        if dense.device.type != "cpu" or dense.shape[1] > CSR_MAX_WIDTH:
+        dense_enough = len(self.latents) >= CSR_MIN_ENTRIES_PER_LATENT * self.d_sae
+        if dense.device.type != "cpu" or not dense_enough:
             # embedding_bag's backward scatters without forming [entries, d].
             with torch.enable_grad():
                 leaf = weight.detach().requires_grad_()
