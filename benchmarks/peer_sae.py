@@ -22,14 +22,15 @@ held-out batch before and after the same steps shows that faster is not worse.
 
 Sizes (d_model, d_sae, k, batch tokens): toy 128/1024/16/4096, smollm2 576/4608/32/2048,
 paper 4096/32768/50/512. The peers come from the `bench` extra (`pip install -e .[bench]`);
-one that is not installed is skipped with a note. `--baseline` adds another checkout's
-vlmdiff (its `lib/`, e.g. from `git archive <commit> lib | tar -x -C /tmp/base`) as the library
-`baseline`, stepped as `train_sae` stepped then (Adam as built by its `make_optimiser`, else
-torch's default): before and after a change, in one process.
+one that is not installed is skipped with a note. `--baseline` (repeatable) adds another
+checkout's vlmdiff (its `lib/`, e.g. from `git archive <commit> lib | tar -x -C /tmp/<commit>`)
+as the library named after the folder above `lib/`, stepped as `train_sae` stepped then (Adam
+as built by its `make_optimiser`, else torch's default): before and after a change, in one
+process.
 
     python benchmarks/peer_sae.py [--sizes toy,smollm2,paper] [--auxk on,off] [--steps N]
         [--warmup N] [--threads N] [--libraries vlmdiff,sparsify,saelens]
-        [--baseline /tmp/base/lib] [--out benchmarks/out/peer_sae.json]
+        [--baseline /tmp/<commit>/lib ...] [--out benchmarks/out/peer_sae.json]
 """
 
 from __future__ import annotations
@@ -185,51 +186,49 @@ def saelens_trainee(init: TopKSAE, dead: Tensor | None) -> Trainee:
     return Trainee("saelens", step, reconstruct)
 
 
-def baseline_trainee(init: TopKSAE, dead: Tensor | None) -> Trainee:
-    """vlmdiff as of another checkout, imported as `vlmdiff_baseline` (see `load_baseline`)."""
-    import vlmdiff_baseline.sae.topk as topk
-    import vlmdiff_baseline.sae.training as training
-
-    sae = topk.TopKSAE(init.d_model, init.d_sae, init.k)
-    sae.load_state_dict(init.state_dict())
-    if hasattr(training, "make_optimiser"):
-        opt = training.make_optimiser(sae, lr_for(init.d_sae))
-    else:
-        opt = torch.optim.Adam(sae.parameters(), lr=lr_for(init.d_sae))
-
-    def step(x: Tensor) -> None:
-        out = sae(x, dead_mask=dead, loss_mask=torch.ones(x.shape[0], dtype=torch.bool))
-        loss = out.fvu + AUXK_ALPHA * out.auxk_loss
-        loss.item()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        sae.set_decoder_norm_to_unit_norm()
-
-    @torch.no_grad()
-    def reconstruct(x: Tensor) -> Tensor:
-        acts, indices, _ = sae.encode(x)
-        return sae.decode(acts, indices)
-
-    return Trainee("baseline", step, reconstruct)
-
-
-def load_baseline(lib: Path) -> None:
-    """Copy `lib/vlmdiff` to a temporary `vlmdiff_baseline` package and put it on sys.path."""
+def baseline_builder(label: str, lib: Path) -> Callable[[TopKSAE, Tensor | None], Trainee]:
+    """A builder for vlmdiff as of another checkout's `lib/`, imported under its own name."""
+    package = "vlmdiff_" + re.sub(r"\W", "_", label)
     root = Path(tempfile.mkdtemp(prefix="peer_sae_baseline_"))
-    shutil.copytree(lib / "vlmdiff", root / "vlmdiff_baseline")
-    for path in (root / "vlmdiff_baseline").rglob("*.py"):
-        text = path.read_text()
-        path.write_text(re.sub(r"\bvlmdiff\.", "vlmdiff_baseline.", text))
+    shutil.copytree(lib / "vlmdiff", root / package)
+    for path in (root / package).rglob("*.py"):
+        path.write_text(re.sub(r"\bvlmdiff\.", f"{package}.", path.read_text()))
     sys.path.insert(0, str(root))
 
+    def build(init: TopKSAE, dead: Tensor | None) -> Trainee:
+        topk = importlib.import_module(f"{package}.sae.topk")
+        training = importlib.import_module(f"{package}.sae.training")
+        sae = topk.TopKSAE(init.d_model, init.d_sae, init.k)
+        sae.load_state_dict(init.state_dict())
+        if hasattr(training, "make_optimiser"):
+            opt = training.make_optimiser(sae, lr_for(init.d_sae))
+        else:
+            opt = torch.optim.Adam(sae.parameters(), lr=lr_for(init.d_sae))
 
-BUILDERS = {
+        def step(x: Tensor) -> None:
+            out = sae(x, dead_mask=dead, loss_mask=torch.ones(x.shape[0], dtype=torch.bool))
+            loss = out.fvu + AUXK_ALPHA * out.auxk_loss
+            loss.item()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            sae.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            sae.set_decoder_norm_to_unit_norm()
+
+        @torch.no_grad()
+        def reconstruct(x: Tensor) -> Tensor:
+            acts, indices, _ = sae.encode(x)
+            return sae.decode(acts, indices)
+
+        return Trainee(label, step, reconstruct)
+
+    return build
+
+
+BUILDERS: dict[str, Callable[[TopKSAE, Tensor | None], Trainee]] = {
     "vlmdiff": vlmdiff_trainee,
     "sparsify": sparsify_trainee,
     "saelens": saelens_trainee,
-    "baseline": baseline_trainee,
 }
 
 
@@ -312,7 +311,7 @@ def main() -> None:
     p.add_argument("--dead-fraction", type=float, default=0.5, help="latents dead with AuxK on")
     p.add_argument("--pool", type=int, default=4, help="distinct training batches, cycled")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--baseline", type=Path, default=None, help="another checkout's lib/")
+    p.add_argument("--baseline", type=Path, action="append", default=[], help="a checkout's lib/")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "peer_sae.json")
     args = p.parse_args()
 
@@ -324,9 +323,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     libraries, skipped = available(wanted)
-    if args.baseline is not None:
-        load_baseline(args.baseline)
-        libraries.append("baseline")
+    for lib in args.baseline:
+        label = lib.resolve().parent.name
+        BUILDERS[label] = baseline_builder(label, lib.resolve())
+        libraries.append(label)
     for lib, why in skipped.items():
         print(f"skipping {lib}: {why}")
     warnings.filterwarnings("ignore", module="sparsify")
@@ -347,7 +347,7 @@ def main() -> None:
         "load_average_1m_before": load_before,
         "load_average_1m_after": os.getloadavg()[0],
         "skipped": skipped,
-        "baseline": str(args.baseline) if args.baseline else None,
+        "baselines": [str(lib) for lib in args.baseline],
         "cases": cases,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -377,12 +377,11 @@ def print_case(case: dict[str, Any]) -> None:
 def versions(libraries: list[str]) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    dists = {"vlmdiff": "vlmdiff", "sparsify": "eai-sparsify", "saelens": "sae-lens",
-             "baseline": "vlmdiff"}
+    dists = {"vlmdiff": "vlmdiff", "sparsify": "eai-sparsify", "saelens": "sae-lens"}
     out = {}
     for lib in libraries:
         try:
-            out[lib] = version(dists[lib])
+            out[lib] = version(dists.get(lib, "vlmdiff"))
         except PackageNotFoundError:
             out[lib] = "unknown"
     return out
@@ -396,7 +395,7 @@ def figure(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cases = result["cases"]
-    libs = sorted({lib for c in cases for lib in c["libraries"]}, key=[*LIBRARIES, "baseline"].index)
+    libs = list(dict.fromkeys(lib for c in cases for lib in c["libraries"]))
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(cases), 3.2))
     width = 0.8 / max(len(libs), 1)
     for j, lib in enumerate(libs):
