@@ -54,7 +54,7 @@ class Pattern:
         self._csr: tuple[Tensor, Tensor, Tensor] | None = None
 
     def rows_of(self, x: Tensor) -> Tensor:
-        """`x[tokens]`, `[bags, d]`: each bag's token row (`x` itself for one code of every token)."""
+        """`x[tokens]`, `[bags, d]`: each bag's token row (`x` for one code of every token)."""
         if self._every_token_once:
             return x
         return x.index_select(0, self.tokens)

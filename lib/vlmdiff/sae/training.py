@@ -341,9 +341,11 @@ def train_sae(
 
 
 def make_optimiser(sae: TopKSAE, lr: float) -> torch.optim.Adam:
-    """Adam, fused (several times faster on CPU at large sizes; the same update up to rounding)."""
-    fused = sae.device.type in ("cpu", "cuda") and sae.dtype.is_floating_point
-    return torch.optim.Adam(sae.parameters(), lr=lr, fused=fused or None)
+    """Adam, fused where torch has it (much faster on CPU; the same update up to rounding)."""
+    try:
+        return torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
+    except RuntimeError:  # no fused kernel for the device or dtype (CPU before torch 2.4)
+        return torch.optim.Adam(sae.parameters(), lr=lr)
 
 
 def optimiser_step(
@@ -362,9 +364,8 @@ def optimiser_step(
     loss = out.fvu + auxk_alpha * out.auxk_loss
     loss_value = loss.item()
     if not math.isfinite(loss_value):
-        raise FloatingPointError(
-            f"loss is {loss_value} (fvu {out.fvu.item()}, auxk {out.auxk_loss.item()})"
-        )
+        fvu, auxk = out.fvu.item(), out.auxk_loss.item()
+        raise FloatingPointError(f"loss is {loss_value} (fvu {fvu}, auxk {auxk})")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     sae.remove_gradient_parallel_to_decoder_directions()
@@ -391,9 +392,8 @@ def _step(
             sae, opt, x, m, dead_mask, auxk_alpha=cfg.auxk_alpha, k_aux=cfg.k_aux
         )
     except FloatingPointError as e:
-        raise FloatingPointError(
-            f"layer {layer}, regime {regime!r}, step {state.step + 1}: {e}"
-        ) from e
+        where = f"layer {layer}, regime {regime!r}, step {state.step + 1}"
+        raise FloatingPointError(f"{where}: {e}") from e
 
     with torch.no_grad():
         acts, indices = out.latent_acts[m], out.latent_indices[m]
