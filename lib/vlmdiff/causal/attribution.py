@@ -46,6 +46,7 @@ import xarray as xr
 
 from vlmdiff.causal.attention import AttentionProbe, head_counts, kv_head_of, probe_attention
 from vlmdiff.causal.context import CausalContext, feature_coords, feature_label
+from vlmdiff.causal.heads import feature_head_scores, head_label, ranked_heads  # noqa: F401 (re-exported)
 from vlmdiff.files import write_netcdf, write_table
 from vlmdiff.hooks import replace_layer_output
 from vlmdiff.inputs import prompt_span, row_batches
@@ -286,28 +287,6 @@ def exact_patching(
 
 
 # ------------------------------------------------------------------------- ranking, correlations
-
-
-def head_label(layer: int, head: int) -> str:
-    return f"L{layer}H{head}"
-
-
-def feature_head_scores(ds: xr.Dataset, feature: str, method: str, variant: str) -> xr.DataArray:
-    """A feature's `[layer, head]` scores of one method and variant, up to its own layer."""
-    layer = int(ds["feature_layer"].sel(feature=feature))
-    return ds["score"].sel({"feature": feature, "method": method, "variant": variant}).isel(
-        layer=slice(0, layer + 1)
-    )
-
-
-def ranked_heads(scores: xr.DataArray, n: int, *, bottom: bool = False) -> list[tuple[int, int]]:
-    """The `n` heads with the largest (`bottom`: smallest) |score| of a `[layer, head]` map,
-    among the layers up to the feature's own (later heads cannot reach it)."""
-    flat = abs(scores).stack(pair=("layer", "head"))
-    order = np.argsort(flat.values, kind="stable")
-    order = order if bottom else order[::-1]
-    pairs = [(int(flat["layer"].values[i]), int(flat["head"].values[i])) for i in order]
-    return pairs[:n]
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:

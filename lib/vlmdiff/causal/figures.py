@@ -13,7 +13,7 @@ import pandas as pd
 import xarray as xr
 from PIL import Image
 
-from vlmdiff.causal.attribution import feature_head_scores, head_label, ranked_heads
+from vlmdiff.causal.heads import feature_head_scores, head_label, ranked_heads
 from vlmdiff.files import write_table
 from vlmdiff.logs import Log
 from vlmdiff.plots import axes_note, plt, save

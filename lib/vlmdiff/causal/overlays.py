@@ -19,8 +19,8 @@ import xarray as xr
 
 from vlmdiff.causal.ablation import relation_subset, top_vsr_rows, vsr_split
 from vlmdiff.causal.attention import attention_to_image
-from vlmdiff.causal.attribution import feature_head_scores, head_label, ranked_heads
 from vlmdiff.causal.figures import Overlay, fig14_feature_panels, overlay_grid
+from vlmdiff.causal.heads import feature_head_scores, head_label, ranked_heads
 from vlmdiff.logs import Log
 from vlmdiff.plots import save
 

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
 import xarray as xr
 from PIL import Image
 
@@ -29,6 +28,7 @@ from vlmdiff.files import atomic_dir, atomic_path
 from vlmdiff.logs import Log
 
 if TYPE_CHECKING:
+    import torch
     from datasets import Dataset
 
 
@@ -283,7 +283,7 @@ def feature_heads(attribution: xr.Dataset | None, label: str, variant: str,
                   n: int) -> list[tuple[int, int]]:
     """The feature's top `n` heads by Method B (the paper's more reliable one), or none where
     the causal stage did not score it."""
-    from vlmdiff.causal.attribution import feature_head_scores, ranked_heads
+    from vlmdiff.causal.heads import feature_head_scores, ranked_heads
 
     if attribution is None or label not in set(attribution["feature"].values.tolist()):
         return []
@@ -345,8 +345,8 @@ def write_evidence(
 ) -> list[FeatureEvidence]:
     """Samples, pictures, token activations and heat maps of each feature, into `out_dir`
     (`evidence.json`, `img/`, `overlay/`)."""
-    from vlmdiff.causal.attribution import head_label
     from vlmdiff.causal.context import feature_label
+    from vlmdiff.causal.heads import head_label
     from vlmdiff.features.lexical import sample_maxima
     from vlmdiff.features.selection import top_samples
     from vlmdiff.models.build import load_vlm, resolve_device

@@ -11,17 +11,20 @@ import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
 import xarray as xr
 
-from vlmdiff.cache.read import iter_batches, open_store
 from vlmdiff.logs import Log
-from vlmdiff.sae.topk import TopKSAE, estimate_norm_factor
-from vlmdiff.sae.training import TrainConfig, evaluate, train_sae
+
+if TYPE_CHECKING:
+    from vlmdiff.sae.topk import TopKSAE
+    from vlmdiff.sae.training import TrainConfig
+
+# torch, the cache reader and the trainer are imported where they are used: the jobs that only
+# read tables and draw (adaptation_figures) and the stages that import REGIMES start without them.
 
 REGIMES = ("full", "image", "text", "random")
 
@@ -37,10 +40,14 @@ def train_config(
     cfg: Mapping[str, Any], where: str, k: int, seed: int, device: str
 ) -> TrainConfig:
     """A TrainConfig from the `sae.base` or `sae.adapt` config section (`where`)."""
+    from vlmdiff.sae.training import TrainConfig
+
     return TrainConfig.from_mapping(cfg, where, k=k, seed=seed, device=device)
 
 
 def _stream(paths: Sequence[Path], layer: int, cfg: TrainConfig, regime: str, seed: int):
+    from vlmdiff.cache.read import iter_batches
+
     # Passes repeat until train_sae has seen cfg.max_tokens loss tokens.
     return iter_batches(
         paths, layer, cfg.batch_tokens, regime=regime, seed=seed, max_tokens=sys.maxsize
@@ -48,6 +55,8 @@ def _stream(paths: Sequence[Path], layer: int, cfg: TrainConfig, regime: str, se
 
 
 def _eval_stream(paths: Sequence[Path], layer: int, cfg: TrainConfig, regime: str, limit: int):
+    from vlmdiff.cache.read import iter_batches
+
     def batches():
         return iter_batches(
             paths, layer, cfg.batch_tokens, regime=regime, shuffle=False, max_tokens=limit
@@ -58,6 +67,8 @@ def _eval_stream(paths: Sequence[Path], layer: int, cfg: TrainConfig, regime: st
 
 def check_d_model(paths: Sequence[Path], layer: int, d_model: int, what: str) -> None:
     """Stop before training when an SAE and the cached activations disagree in width."""
+    from vlmdiff.cache.read import open_store
+
     for p in paths:
         width = open_store(p)[f"layer_{layer}"].shape[1]
         if width != d_model:
@@ -78,6 +89,10 @@ def train_base(
     log: Log = print,
 ) -> pd.DataFrame:
     """A base SAE from random init on the language model's activations (the Llama-Scope analog)."""
+    from vlmdiff.cache.read import iter_batches
+    from vlmdiff.sae.topk import TopKSAE, estimate_norm_factor
+    from vlmdiff.sae.training import train_sae
+
     sample = next(iter_batches(train_paths, layer, 8192, seed=cfg.seed))[0]
     d_model = sample.shape[1]
     sae = TopKSAE.from_random(
@@ -110,6 +125,9 @@ def adapt(
     log: Log = print,
 ) -> pd.DataFrame:
     """Adapt the base SAE of `layer` to the VLM's activations under `regime`."""
+    from vlmdiff.sae.topk import TopKSAE
+    from vlmdiff.sae.training import evaluate, train_sae
+
     base = TopKSAE.load(base_dir, k=cfg.k)
     check_d_model(train_paths, layer, base.d_model, f"base SAE {base_dir}")
     if regime == "random":
@@ -151,6 +169,8 @@ def _finish(
 
 def decoder_cosine(base: TopKSAE, other: TopKSAE) -> np.ndarray:
     """Per feature: cosine between the base decoder column and the other SAE's."""
+    import torch
+
     if base.W_dec.shape != other.W_dec.shape:
         raise ValueError(f"decoder shapes differ: {tuple(base.W_dec.shape)} vs {tuple(other.W_dec.shape)}")
     with torch.no_grad():
@@ -163,6 +183,8 @@ def decoder_cosines(
     base_dirs: Mapping[int, Path], adapted_dirs: Mapping[tuple[str, int], Path]
 ) -> xr.DataArray:
     """Decoder cosine for every (regime, layer, feature) as an xarray DataArray."""
+    from vlmdiff.sae.topk import TopKSAE
+
     regimes = sorted({r for r, _ in adapted_dirs}, key=REGIMES.index)
     layers = sorted(base_dirs)
     values = None

@@ -7,7 +7,8 @@ Conventions, matching Llama-Scope so its weights work unchanged:
 - `b_dec` is *not* subtracted from the input before encoding (Llama-Scope's
   `apply_decoder_bias_to_pre_encoder: false`); it is only added after decoding.
 - `W_dec` is `[d_model, d_sae]`: column `i` is feature `i`'s direction, kept at unit norm in
-  training.
+  training. It is stored column-major (`W_dec.T` is contiguous), so that decoding gathers whole
+  columns (see `vlmdiff.sae.sparse`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from vlmdiff.sae import sparse
 
 HYPERPARAMS_FILE = "hyperparams.json"
 WEIGHTS_FILE = "checkpoints/final.safetensors"
@@ -113,9 +115,10 @@ class TopKSAE(nn.Module):
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.W_enc = nn.Parameter(torch.zeros(d_sae, d_model, **kw))
         self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
-        self.W_dec = nn.Parameter(torch.zeros(d_model, d_sae, **kw))
+        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_model, **kw).T)
         self.b_dec = nn.Parameter(torch.zeros(d_model, **kw))
         self.register_buffer("norm_factor", torch.tensor(float(norm_factor), **kw))
+        self._pre_scratch: Tensor | None = None  # forward's pre-activations, kept for reuse
 
     @classmethod
     def from_random(
@@ -149,23 +152,15 @@ class TopKSAE(nn.Module):
     def encode(self, x: Tensor) -> EncoderOutput:
         """Top-k of `ReLU(W_enc (s x) + b_enc)` per token; `b_dec` is not subtracted first."""
         x = x.to(self.dtype) * self.norm_factor
-        pre = F.relu(F.linear(x, self.W_enc, self.b_enc))
-        top_acts, top_indices = pre.topk(self.k, dim=-1, sorted=False)
-        return EncoderOutput(top_acts, top_indices, pre)
+        pre, indices = sparse.topk_scores(x, self.W_enc, self.b_enc, self.k)
+        code = sparse.Pattern(self.d_sae, [(indices, None)])
+        acts = sparse.encode_at(x, self.W_enc, self.b_enc, code, pre.gather(1, indices).flatten())
+        return EncoderOutput(acts.view_as(indices), indices, pre)
 
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         """`(W_dec f + b_dec) / s` from sparse codes, in the input's units."""
-        return (self._decode_sparse(top_acts, top_indices) + self.b_dec) / self.norm_factor
-
-    def _decode_sparse(self, acts: Tensor, indices: Tensor) -> Tensor:
-        """`W_dec f` for codes given as (values, indices) `[n, j]`."""
-        if acts.is_cuda:
-            # Gathering j columns per token avoids materialising [n, d_sae] codes.
-            return F.embedding_bag(indices, self.W_dec.T, per_sample_weights=acts, mode="sum")
-        # On CPU embedding_bag is several times slower than a dense product, whose
-        # [n, d_sae] codes are no larger than the pre-activations the encoder already made.
-        codes = acts.new_zeros(acts.shape[0], self.d_sae).scatter(1, indices, acts)
-        return codes @ self.W_dec.T
+        out = sparse.decode_rows(top_acts, top_indices, self.W_dec.T)
+        return (out + self.b_dec) / self.norm_factor
 
     def dense_acts(self, x: Tensor) -> Tensor:
         """Feature activations `[n, d_sae]`, zero outside each token's top-k."""
@@ -196,34 +191,48 @@ class TopKSAE(nn.Module):
         """
         if x.ndim != 2 or x.shape[1] != self.d_model:
             raise ValueError(f"expected x of shape [n, {self.d_model}], got {tuple(x.shape)}")
-        x = x.to(self.dtype)
-        top_acts, top_indices, pre_acts = self.encode(x)
-        sae_out = self.decode(top_acts, top_indices)
-
         if loss_mask is not None:
             if loss_mask.dtype != torch.bool or loss_mask.shape != x.shape[:1]:
                 raise ValueError(
                     f"loss_mask must be bool of shape [{x.shape[0]}], "
                     f"got {loss_mask.dtype} {tuple(loss_mask.shape)}"
                 )
-            x_sel, out_sel = x[loss_mask], sae_out[loss_mask]
-            pre_sel, acts_sel = pre_acts[loss_mask], top_acts[loss_mask]
-        else:
-            x_sel, out_sel, pre_sel, acts_sel = x, sae_out, pre_acts, top_acts
+            if bool(loss_mask.all()):
+                loss_mask = None  # the same loss, without copying every row
+        rows = loss_mask.nonzero().squeeze(1) if loss_mask is not None else None
+        n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
+        n, n_loss = x.shape[0], x.shape[0] if rows is None else rows.numel()
+        x = x.to(self.dtype)
+        x_in = x * self.norm_factor
+        buf = self._pre_scratch = sparse.reuse(self._pre_scratch, (n, self.d_sae), self.W_enc)
+        pre, top_indices = sparse.topk_scores(x_in, self.W_enc, self.b_enc, self.k, buf)
+        codes, values = [(top_indices, None)], [pre.gather(1, top_indices).reshape(-1)]
+        if n_dead > 0 and n_loss > 0:
+            assert dead_mask is not None
+            k_aux = k_aux if k_aux is not None else self.d_model // 2
+            scale = min(n_dead / k_aux, 1.0)
+            pre_loss = pre if rows is None else pre.index_select(0, rows)
+            aux_indices = sparse.top_among(pre_loss, dead_mask, min(k_aux, n_dead))
+            codes.append((aux_indices, rows))
+            values.append(pre_loss.gather(1, aux_indices).reshape(-1))
+        # One pattern for the top-k and the AuxK latents: the encoder's and the decoder's
+        # gradients each scatter through it in one product.
+        pattern = sparse.Pattern(self.d_sae, codes)
+        acts = sparse.encode_at(x_in, self.W_enc, self.b_enc, pattern, torch.cat(values))
+        decoded = sparse.decode_pattern(acts, pattern, self.W_dec.T)
+        top_acts = pattern.split(acts)[0]
+        sae_out = (decoded[:n] + self.b_dec) / self.norm_factor
+
+        sel = slice(None) if rows is None else rows
+        x_sel, out_sel, acts_sel = x[sel], sae_out[sel], top_acts[sel]
 
         err = x_sel - out_sel
         total_variance = (x_sel - x_sel.mean(0)).pow(2).sum()
         fvu_ = err.pow(2).sum() / total_variance
 
-        n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
-        if n_dead > 0 and x_sel.shape[0] > 0:
-            assert dead_mask is not None
-            k_aux = k_aux if k_aux is not None else self.d_model // 2
-            scale = min(n_dead / k_aux, 1.0)
-            aux_pre = pre_sel.masked_fill(~dead_mask, -torch.inf)
-            aux_acts, aux_indices = aux_pre.topk(min(k_aux, n_dead), dim=-1, sorted=False)
+        if len(codes) > 1:
             # No decoder bias here: the dead latents model the residual, which has no offset.
-            err_hat = self._decode_sparse(aux_acts, aux_indices) / self.norm_factor
+            err_hat = decoded[n:] / self.norm_factor
             auxk_loss = scale * (err_hat - err.detach()).pow(2).sum() / total_variance
         else:
             auxk_loss = fvu_.new_zeros(())
@@ -241,7 +250,7 @@ class TopKSAE(nn.Module):
         if self.W_dec.grad is None:
             return
         parallel = (self.W_dec.grad * self.W_dec).sum(dim=0, keepdim=True)
-        self.W_dec.grad -= parallel * self.W_dec
+        self.W_dec.grad.addcmul_(parallel, self.W_dec, value=-1)
 
     def save(
         self,

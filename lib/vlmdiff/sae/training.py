@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from vlmdiff import config
-from vlmdiff.sae.topk import TopKSAE
+from vlmdiff.sae.topk import ForwardOutput, TopKSAE
 
 CHECKPOINT_FILE = "train_state.pt"
 
@@ -194,7 +194,7 @@ def train_sae(
     sae.k = cfg.k
     torch.manual_seed(cfg.seed)
     lr = lr_at(cfg, sae.d_sae, layer)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    opt = make_optimiser(sae, lr)
     sae.set_decoder_norm_to_unit_norm()
     tag = f"[layer {layer} {regime}]"
 
@@ -340,6 +340,40 @@ def train_sae(
     return TrainResult(state.history, state.tokens_seen, state.step, resumed_from)
 
 
+def make_optimiser(sae: TopKSAE, lr: float) -> torch.optim.Adam:
+    """Adam, fused where torch has it (much faster on CPU; the same update up to rounding)."""
+    try:
+        return torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
+    except RuntimeError:  # no fused kernel for the device or dtype (CPU before torch 2.4)
+        return torch.optim.Adam(sae.parameters(), lr=lr)
+
+
+def optimiser_step(
+    sae: TopKSAE,
+    opt: torch.optim.Optimizer,
+    x: Tensor,
+    loss_mask: Tensor,
+    dead_mask: Tensor | None,
+    *,
+    auxk_alpha: float,
+    k_aux: int | None = None,
+) -> tuple[ForwardOutput, float]:
+    """Forward, FVU + `auxk_alpha` * AuxK, backward, decoder-gradient projection, the optimiser's
+    step, renormalisation; FloatingPointError, with no update, if the loss is not finite."""
+    out = sae(x, dead_mask=dead_mask, loss_mask=loss_mask, k_aux=k_aux)
+    loss = out.fvu + auxk_alpha * out.auxk_loss
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        fvu, auxk = out.fvu.item(), out.auxk_loss.item()
+        raise FloatingPointError(f"loss is {loss_value} (fvu {fvu}, auxk {auxk})")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    opt.step()
+    sae.set_decoder_norm_to_unit_norm()
+    return out, loss_value
+
+
 def _step(
     sae: TopKSAE,
     opt: torch.optim.Optimizer,
@@ -353,19 +387,13 @@ def _step(
 ) -> tuple[float, float, float]:
     """One optimiser step; updates the dead-latent counters and token count in `state`."""
     dead_mask = state.tokens_since_fired >= cfg.dead_tokens_threshold
-    out = sae(x, dead_mask=dead_mask, loss_mask=m, k_aux=cfg.k_aux)
-    loss = out.fvu + cfg.auxk_alpha * out.auxk_loss
-    loss_value = loss.item()
-    if not math.isfinite(loss_value):
-        raise FloatingPointError(
-            f"layer {layer}, regime {regime!r}, step {state.step + 1}: loss is {loss_value} "
-            f"(fvu {out.fvu.item()}, auxk {out.auxk_loss.item()})"
+    try:
+        out, loss_value = optimiser_step(
+            sae, opt, x, m, dead_mask, auxk_alpha=cfg.auxk_alpha, k_aux=cfg.k_aux
         )
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    sae.remove_gradient_parallel_to_decoder_directions()
-    opt.step()
-    sae.set_decoder_norm_to_unit_norm()
+    except FloatingPointError as e:
+        where = f"layer {layer}, regime {regime!r}, step {state.step + 1}"
+        raise FloatingPointError(f"{where}: {e}") from e
 
     with torch.no_grad():
         acts, indices = out.latent_acts[m], out.latent_indices[m]
