@@ -160,6 +160,28 @@ def test_adaptation_outputs(tiny_run, tiny_config):
         assert float(abs(cos.sel(regime="random")).mean()) < float(cos.sel(regime="text").mean())
 
 
+@torch.no_grad()
+def test_exports_load_in_saelens_and_sparsify(tiny_run, tiny_config):
+    from sae_lens import SAE
+    from sparsify import SparseCoder
+    from vlmdiff.sae.topk import TopKSAE
+
+    gen = torch.Generator().manual_seed(0)
+    for regime in ["base", *tiny_config["sae"]["regimes"]]:
+        exports = tiny_run / "exports" / regime
+        assert sorted(p.name for p in exports.iterdir()) == ["saelens", "sparsify"]
+        for layer in range(tiny_config["lm"]["num_layers"]):
+            ours = TopKSAE.load(tiny_run / f"sae/{regime}/layer_{layer}")
+            # model-unit activations: mean norm sqrt(d) / s, as the SAE's own data had
+            x = torch.randn(64, ours.d_model, generator=gen) / float(ours.norm_factor)
+            out = ours(x)
+            scale = float(out.sae_out.abs().max())
+            lens = SAE.load_from_disk(str(exports / f"saelens/blocks.{layer}.hook_resid_post"))
+            assert float((lens(x) - out.sae_out).abs().max()) <= 1e-5 * scale
+            coder = SparseCoder.load_from_disk(exports / f"sparsify/layers.{layer}")
+            assert float((coder(x).sae_out - out.sae_out).abs().max()) <= 1e-5 * scale
+
+
 def test_feature_outputs(tiny_run, tiny_config):
     tables = tiny_run / "tables"
     features = pd.read_parquet(tables / "features.parquet")
