@@ -452,6 +452,12 @@ def test_openai_job_f1_images_and_tokens(tmp_path, monkeypatch):
     wide = f1_comparison(table)
     assert list(wide["f1_raw"]) == pytest.approx([2 / 3, 2 / 3])
     assert "Mean F1 over 2 feature(s)" in markdown_table(wide)
+    # detection as delphi scores it: (TPR 2/3 + TNR 2/3) / 2, with an interval around it
+    assert list(table["detection"]) == pytest.approx([2 / 3] * 4)
+    assert (table["detection_low"] < 2 / 3).all() and (table["detection_high"] > 2 / 3).all()
+    md = markdown_table(wide)
+    assert "Detection (class-balanced accuracy" in md and "RAW 0.67 [0.67, 0.67]" in md
+    assert "OVERLAY - RAW 0.00 [0.00, 0.00] (paired)" in md
 
 
 class CountingBackend:

@@ -29,6 +29,12 @@ import pandas as pd
 from vlmdiff.files import atomic_dir, atomic_path, write_table
 from vlmdiff.interp.backends import Backend, BackendError, Expect, Message, ReplyError, ask
 from vlmdiff.interp.evidence import FeatureEvidence, Sample, read_evidence
+from vlmdiff.interp.scoring import (
+    balanced_accuracy_interval,
+    classification_scores,
+    mean_interval,
+    paired_difference,
+)
 from vlmdiff.logs import Log
 
 VARIANTS = ("raw", "overlay")
@@ -355,8 +361,21 @@ def read_records(folder: str | Path) -> list[dict[str, Any]]:
 
 
 TABLE_COLUMNS = ["feature", "layer", "index", "contrast", "rank", "variant", "status",
-                 "description", "f1", "precision", "recall", "tp", "fp", "fn", "tn", "model",
-                 "evidence", "prompt_tokens", "completion_tokens", "calls", "error"]
+                 "description", "f1", "detection", "detection_low", "detection_high",
+                 "precision", "recall", "tp", "fp", "fn", "tn", "model", "evidence",
+                 "prompt_tokens", "completion_tokens", "calls", "error"]
+
+
+def detection_score(record: Mapping[str, Any]) -> tuple[float | None, float | None, float | None]:
+    """The validation rounds scored as delphi scores detection: class-balanced accuracy of the
+    held-out classifications, with its 95% bootstrap interval (None where nothing was asked)."""
+    results = record.get("classification_results") or []
+    if record.get("status") != "ok" or not results:
+        return None, None, None
+    labels = [c["label"] for c in results]
+    preds = [c["prediction"] for c in results]
+    low, high = balanced_accuracy_interval(labels, preds)
+    return float(classification_scores(labels, preds)["balanced_accuracy"]), low, high
 
 
 def records_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -366,6 +385,7 @@ def records_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         row = {c: r.get(c) for c in TABLE_COLUMNS}
         row.update(r["usage"])
         row["evidence"] = "; ".join(r["evidence"])
+        row["detection"], row["detection_low"], row["detection_high"] = detection_score(r)
         rows.append(row)
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     return table.sort_values(["contrast", "rank", "variant"], kind="stable").reset_index(drop=True)
@@ -373,9 +393,10 @@ def records_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
 
 def f1_comparison(table: pd.DataFrame) -> pd.DataFrame:
     """Per feature: RAW and OVERLAY F1 and descriptions side by side, and their difference."""
-    wide = table.pivot(index=["contrast", "rank", "feature"], columns="variant", values="f1")
-    wide = wide.reindex(columns=list(VARIANTS))
-    wide.columns = [f"f1_{v}" for v in VARIANTS]
+    wide = table.pivot(index=["contrast", "rank", "feature"], columns="variant",
+                       values=["f1", "detection"])
+    wide = wide.reindex(columns=pd.MultiIndex.from_product([["f1", "detection"], VARIANTS]))
+    wide.columns = [f"{score}_{v}" for score, v in wide.columns]
     wide = wide.reset_index()
     wide["f1_gain"] = wide["f1_overlay"] - wide["f1_raw"]
     for v in VARIANTS:
@@ -406,6 +427,14 @@ def markdown_table(wide: pd.DataFrame) -> str:
     lines.append(f"Mean F1 over {len(both)} feature(s) with both variants: RAW "
                  f"{num(both['f1_raw'].mean() if len(both) else None)}, OVERLAY "
                  f"{num(both['f1_overlay'].mean() if len(both) else None)}.")
+    det = wide.dropna(subset=["detection_raw", "detection_overlay"])
+    gain = paired_difference(det["detection_raw"], det["detection_overlay"])
+    lines.append("")
+    lines.append(f"Detection (class-balanced accuracy, chance 0.5; mean [95% bootstrap interval] "
+                 f"over the {len(det)} feature(s) with both): RAW "
+                 f"{mean_interval(det['detection_raw']).text()}, OVERLAY "
+                 f"{mean_interval(det['detection_overlay']).text()}, OVERLAY - RAW "
+                 f"{gain.text()} (paired).")
     return "\n".join(lines) + "\n"
 
 
@@ -455,5 +484,7 @@ def autointerp_table_job(
     with atomic_path(out["markdown"]) as tmp:
         tmp.write_text(markdown_table(wide))
     save(fig_autointerp_f1(wide), out["fig_autointerp"], out["fig_autointerp_pdf"])
-    log(markdown_table(wide).splitlines()[-1])
+    for line in markdown_table(wide).splitlines()[-3:]:
+        if line:
+            log(line)
     return table
