@@ -14,14 +14,12 @@ import pytest
 from PIL import Image
 from vlmdiff.interp.autointerp import (
     autointerp_job,
-    f1_comparison,
     f1_score,
     interpret,
-    markdown_table,
     read_records,
-    records_table,
     validation_rounds,
 )
+from vlmdiff.interp.autointerp_table import f1_comparison, markdown_table, records_table
 from vlmdiff.interp.backends import (
     BackendError,
     Expect,
