@@ -119,6 +119,9 @@ def oracle(body):
         return json.dumps({"description": "this neuron activates for objects left of others"})
     assert not re.search(r"Sample \d+ \(", text)  # the source is not shown for validation
     quoted = re.findall(r'Sample \d+: "([^"]*)"', text)
+    if "marked" in system:  # fuzzing: 1 where a marked span holds 'left'
+        return json.dumps({"classifications": [int(bool(re.search(r"<<[^>]*left", q)))
+                                               for q in quoted]})
     return json.dumps({"classifications": [int("left" in q) for q in quoted]})
 
 
@@ -420,8 +423,8 @@ def test_openai_job_f1_images_and_tokens(tmp_path, monkeypatch):
                               cfg=openai_cfg(srv.url), seed=0, log=lambda m: None)
         headers_ok = all(r["model"] == "test-model" for r in srv.requests)
     assert headers_ok
-    # 2 features x 2 variants x (1 description + 2 rounds) + the retried 429
-    assert len(srv.requests) == 2 * 2 * 3 + 1
+    # 2 features x 2 variants x (1 description + 2 validation + 2 fuzzing rounds) + the 429
+    assert len(srv.requests) == 2 * 2 * 5 + 1
     for variant in ("raw", "overlay"):
         for rec in recs[variant]:
             assert rec["status"] == "ok", rec["error"]
@@ -431,12 +434,21 @@ def test_openai_job_f1_images_and_tokens(tmp_path, monkeypatch):
             assert rec["f1"] == pytest.approx(2 / 3)
             assert len(rec["classification_results"]) == 6
             assert {c["round"] for c in rec["classification_results"]} == {1, 2}
-            assert rec["usage"] == {"prompt_tokens": 30, "completion_tokens": 15, "calls": 3}
+            assert rec["detection"] == pytest.approx(2 / 3)  # (TPR 2/3 + TNR 2/3) / 2
+            # fuzzing marks the negative that says 'left' elsewhere ('what letter is on the
+            # left shape?') where a positive fired, not on 'left': tp 2, fn 1, tn 3
+            fuzz = {c["text"]: c for c in rec["fuzzing_results"]}
+            assert fuzz["what is left of the square?"]["marked"] == (
+                "what is <<left>> of the square?")
+            assert "<<left>>" not in fuzz["what letter is on the left shape?"]["marked"]
+            assert rec["fuzzing"] == pytest.approx((2 / 3 + 1) / 2)
+            assert rec["usage"] == {"prompt_tokens": 50, "completion_tokens": 25, "calls": 5}
         on_disk = read_records(outs[variant])
         assert [r["feature"] for r in on_disk] == ["L0F0", "L0F1"]
         summary = json.loads((outs[variant] / "summary.json").read_text())
-        assert summary["usage_this_run"]["prompt_tokens"] == 60
+        assert summary["usage_this_run"]["prompt_tokens"] == 100
         assert summary["mean_f1"] == pytest.approx(2 / 3)
+        assert summary["mean_fuzzing"] == pytest.approx(5 / 6)
     # images go as base64 data URLs; OVERLAY adds the heat maps
     def n_images(body):
         return sum(p["type"] == "image_url" for p in body["messages"][1]["content"])
@@ -450,12 +462,15 @@ def test_openai_job_f1_images_and_tokens(tmp_path, monkeypatch):
     wide = f1_comparison(table)
     assert list(wide["f1_raw"]) == pytest.approx([2 / 3, 2 / 3])
     assert "Mean F1 over 2 feature(s)" in markdown_table(wide)
-    # detection as delphi scores it: (TPR 2/3 + TNR 2/3) / 2, with an interval around it
+    # detection and fuzzing as delphi scores them, each with an interval around it
     assert list(table["detection"]) == pytest.approx([2 / 3] * 4)
+    assert list(table["fuzzing"]) == pytest.approx([5 / 6] * 4)
     assert (table["detection_low"] < 2 / 3).all() and (table["detection_high"] > 2 / 3).all()
+    assert (table["fuzzing_low"] < 5 / 6).all() and (table["fuzzing_high"] == 1).all()
     md = markdown_table(wide)
     assert "Detection (class-balanced accuracy" in md and "RAW 0.67 [0.67, 0.67]" in md
-    assert "OVERLAY - RAW 0.00 [0.00, 0.00] (paired)" in md
+    assert "Fuzzing (class-balanced accuracy" in md and "RAW 0.83 [0.83, 0.83]" in md
+    assert md.count("OVERLAY - RAW 0.00 [0.00, 0.00] (paired)") == 2
 
 
 class CountingBackend:
@@ -479,7 +494,7 @@ def test_interrupted_run_resumes_and_finished_features_are_not_asked_again(tmp_p
     make_evidence(evidence, 3, heads=False)
     outs = {"raw": tmp_path / "raw", "overlay": tmp_path / "overlay"}
     cfg = openai_cfg("http://127.0.0.1:9/v1")
-    first = CountingBackend(stop_after=7)  # 2 features done (3 calls each), the third cut off
+    first = CountingBackend(stop_after=11)  # 2 features done (5 calls each), the third cut off
     with pytest.raises(KeyboardInterrupt):
         autointerp_job(evidence_dir=evidence, out=outs, cache_dir=tmp_path / "cache", cfg=cfg,
                        seed=0, make_backend=lambda c, d: first, log=lambda m: None)
@@ -489,7 +504,7 @@ def test_interrupted_run_resumes_and_finished_features_are_not_asked_again(tmp_p
     second = CountingBackend()
     recs = autointerp_job(evidence_dir=evidence, out=outs, cache_dir=tmp_path / "cache", cfg=cfg,
                           seed=0, make_backend=lambda c, d: second, log=lambda m: None)
-    assert second.calls == 3  # only the unfinished feature (OVERLAY has no heads: skipped)
+    assert second.calls == 5  # only the unfinished feature (OVERLAY has no heads: skipped)
     assert [r["cached"] for r in recs["raw"]] == [True, True, False]
     assert all(r["status"] == "skipped" for r in recs["overlay"])
     assert all(r["f1"] == pytest.approx(2 / 3) for r in recs["raw"])
@@ -501,7 +516,7 @@ def test_interrupted_run_resumes_and_finished_features_are_not_asked_again(tmp_p
                            seed=0, make_backend=refuse, log=lambda m: None)
     assert all(r["cached"] for r in again["raw"])
     assert json.loads((outs["raw"] / "summary.json").read_text())["usage_all_records"] == {
-        "prompt_tokens": 3 * 3 * 7, "completion_tokens": 3 * 3 * 3, "calls": 9}
+        "prompt_tokens": 3 * 5 * 7, "completion_tokens": 3 * 5 * 3, "calls": 3 * 5}
 
 
 def test_failed_features_are_not_cached(tmp_path):
@@ -559,4 +574,4 @@ def test_openai_requests_in_flight_are_bounded(tmp_path):
                               cache_dir=tmp_path / "cache", cfg=openai_cfg(srv.url, concurrency=2),
                               seed=0, log=lambda m: None)
     assert all(r["status"] == "ok" for r in recs["raw"])
-    assert len(srv.requests) == 9 and state["peak"] == 2  # 3 features in parallel, at most 2
+    assert len(srv.requests) == 15 and state["peak"] == 2  # 3 features in parallel, at most 2

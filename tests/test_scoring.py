@@ -47,11 +47,16 @@ def test_highlight_marks_runs_of_active_tokens():
 
 def test_fuzzing_marks_negatives_where_a_positive_fired():
     pos = [(["left", "of", "the", "cube"], [1.0, 0.4, 0, 0])]
-    quiet = (["what", "colour", "is", "it"], [0, 0, 0, 0])
-    hard = (["a", "red", "ball"], [0, 0.3, 0])
-    items = fuzzing_items(pos, [quiet, hard], np.random.default_rng(0))
+    quiet = ["what", "colour", "is", "it"]
+    hard = (["a", "red", "ball"], [0, 0.3, 0])  # where another feature fires, on "red"
+    items = fuzzing_items(pos, [quiet], np.random.default_rng(0), hard=[hard])
     assert items == [Item("<<left of>> the cube", 1), Item("<<what colour>> is it", 0),
                      Item("a <<red>> ball", 0)]
+    # with two positives, each negative borrows the spans of one of them
+    two = [(["a", "b", "c"], [1, 0, 0]), (["a", "b", "c"], [0, 0, 1])]
+    marks = {fuzzing_items(two, [["x", "y", "z"]], np.random.default_rng(s))[-1].text
+             for s in range(20)}
+    assert marks == {"<<x>> y z", "x y <<z>>"}
     assert detection_items([["left", "of"]], [["red", "ball"]]) == [
         Item("left of", 1), Item("red ball", 0)]
 

@@ -318,6 +318,10 @@ def test_autointerp_outputs(tiny_run, tiny_config):
     assert ok["description"].str.startswith("this neuron activates for").all()
     assert ok["model"].str.contains("SmolLM2-135M-Instruct").all()
     assert ok["f1"].between(0, 1).all() and (ok["prompt_tokens"] > 0).all()
+    for score in ("detection", "fuzzing"):  # delphi's, with intervals around them
+        assert ok[score].between(0, 1).all()
+        assert (ok[f"{score}_low"] <= ok[score] + 1e-9).all()
+        assert (ok[score] <= ok[f"{score}_high"] + 1e-9).all()
     assert ok["evidence"].str.contains("picture in words").all()
     overlay = ok[ok["variant"] == "overlay"]
     assert overlay["evidence"].str.contains("heat map in words").all()
@@ -334,7 +338,7 @@ def test_autointerp_outputs(tiny_run, tiny_config):
                 assert len(rec["classification_results"]) == len(
                     [c for c in rec["classification_results"] if c["prediction"] in (0, 1)])
     md = (tiny_run / "tables/autointerp.md").read_text()
-    assert "F1 RAW" in md and "Mean F1" in md
+    assert "F1 RAW" in md and "Mean F1" in md and "Fuzzing (class-balanced accuracy" in md
     assert (tiny_run / "figures/fig_autointerp_f1.png").stat().st_size > 1000
 
 

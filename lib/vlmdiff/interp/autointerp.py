@@ -10,6 +10,12 @@ A finished (feature, variant) is stored in a cache keyed by everything the model
 who answered, so a re-run never asks it again and an interrupted run resumes where it stopped.
 A call that fails (malformed replies after retries, or the endpoint gives up) is recorded as a
 failure in the outputs, not cached, and asked again on the next run.
+
+Beside F1, the validation rounds are scored as delphi scores detection (class-balanced
+accuracy), and as many fuzzing rounds (prompt C) show the same held-out samples with words
+marked `<<...>>`: positives where the feature fires, negatives where a random positive fired;
+the model says whether the marked words are what the description is about
+(`vlmdiff.interp.scoring`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +35,11 @@ import numpy as np
 from vlmdiff.files import atomic_dir, atomic_path
 from vlmdiff.interp.backends import Backend, BackendError, Expect, Message, ReplyError, ask
 from vlmdiff.interp.evidence import FeatureEvidence, Sample, read_evidence
+from vlmdiff.interp.scoring import Item, classification_scores, fuzzing_items
 from vlmdiff.logs import Log
 
 VARIANTS = ("raw", "overlay")
-PROMPT_VERSION = "B.1/3"  # part of the cache key: changing the prompts asks everything again
+PROMPT_VERSION = "B.1/3+C/1"  # part of the cache key: changing the prompts asks everything again
 SUMMARY_FILE = "summary.json"
 CONTENT_FREE = "N/A"  # the description of the calibration baseline (see llm.LocalBackend)
 
@@ -48,6 +56,14 @@ VALIDATE_SYSTEM = ("You are validating a neuron description against short exampl
 VALIDATE_TASK = (
     "Description: {description}\n"
     "Task: For each sample, output 1 if it reasonably matches the description; else 0.\n"
+    'Return: {{"classifications": [0/1, ...]}} with one entry per sample, in order.')
+FUZZ_SYSTEM = ("You are checking a neuron description against short examples whose marked "
+               "words may be where the neuron fires ({sees}).")
+FUZZ_TASK = (
+    "Description: {description}\n"
+    "In each sample the words between << and >> are marked.\n"
+    "Task: For each sample, output 1 if the marked words are what the description is about; "
+    "else 0.\n"
     'Return: {{"classifications": [0/1, ...]}} with one entry per sample, in order.')
 
 
@@ -127,6 +143,18 @@ def validate_messages(description: str, samples: Sequence[Sample], variant: str,
             _user(parts, vision)]
 
 
+def fuzz_messages(description: str, pairs: Sequence[tuple[Sample, Item]], variant: str,
+                  vision: bool, folder: Path) -> list[Message]:
+    """Prompt C: one fuzzing round, each sample's prompt shown with its marked words."""
+    parts: list[dict[str, Any]] = []
+    for i, (s, item) in enumerate(pairs, 1):
+        parts += sample_parts(replace(s, text=item.text), i, variant, vision, folder,
+                              show_tokens=False)
+    parts.append({"type": "text", "text": FUZZ_TASK.format(description=description)})
+    return [{"role": "system", "content": FUZZ_SYSTEM.format(sees=_SEES[variant])},
+            _user(parts, vision)]
+
+
 # ------------------------------------------------------------------------- scoring
 
 
@@ -137,6 +165,31 @@ def validation_rounds(ev: FeatureEvidence, n_rounds: int, seed: int) -> list[lis
     order = np.random.default_rng([seed, salt]).permutation(len(samples))
     chunks = np.array_split(order, max(1, min(n_rounds, len(samples))))
     return [[samples[int(i)] for i in c] for c in chunks if len(c)]
+
+
+def words(s: Sample) -> tuple[list[str], list[float]]:
+    """A sample's prompt tokens as words, with their activations: chat-template tokens dropped,
+    BPE space marks stripped (a sample without tokens gives its text's words, unmarked)."""
+    if not s.tokens:
+        return s.text.split(), [0.0] * len(s.text.split())
+    pairs = [(t.lstrip("\u0120\u2581"), float(a)) for t, a in zip(s.tokens, s.token_acts,
+                                                                  strict=True)
+             if not t.startswith("<")]
+    pairs = [(t, a) for t, a in pairs if t]
+    return [t for t, _ in pairs], [a for _, a in pairs]
+
+
+def fuzzing_rounds(ev: FeatureEvidence, n_rounds: int, seed: int
+                   ) -> list[list[tuple[Sample, Item]]]:
+    """Held-out positives and negatives marked for fuzzing, shuffled, in `n_rounds` rounds."""
+    salt = int(hashlib.sha256(ev.label.encode()).hexdigest()[:8], 16)
+    rng = np.random.default_rng([seed, salt, 1])
+    items = fuzzing_items([words(s) for s in ev.positives],
+                          [words(s)[0] for s in ev.negatives], rng)
+    pairs = list(zip(ev.positives + ev.negatives, items, strict=True))
+    order = rng.permutation(len(pairs))
+    chunks = np.array_split(order, max(1, min(n_rounds, len(pairs))))
+    return [[pairs[int(i)] for i in c] for c in chunks if len(c)]
 
 
 def f1_score(labels: Sequence[int], predictions: Sequence[int]) -> dict[str, float | int]:
@@ -167,7 +220,8 @@ def _base_record(ev: FeatureEvidence, variant: str, backend: Backend) -> dict[st
         "prompt_version": PROMPT_VERSION,
         "examples": [{**_sample_ref(s), "image": s.image, "overlay": s.overlay}
                      for s in ev.examples],
-        "description": None, "classification_results": [], "f1": None,
+        "description": None, "classification_results": [], "f1": None, "detection": None,
+        "fuzzing_results": [], "fuzzing": None,
         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0},
         "malformed_replies": [], "status": "ok", "error": None,
     }
@@ -176,6 +230,34 @@ def _base_record(ev: FeatureEvidence, variant: str, backend: Backend) -> dict[st
 def _add_usage(record: dict[str, Any], usage: Mapping[str, int]) -> None:
     for k, v in usage.items():
         record["usage"][k] += v
+
+
+def _ask_rounds(backend: Backend, record: dict[str, Any], kind: str,
+                chunks: Sequence[Sequence[tuple[Sample, Item]]], description: str, variant: str,
+                folder: Path, attempts: int, step: list[str]) -> tuple[list[int], list[int]]:
+    """One call per round of `kind` ("validation": prompt B on whole samples; "fuzzing":
+    prompt C on marked words), calibrated against the content-free description; each answer
+    joins the record's results; returns labels and predictions. `step` names the round being
+    asked, for the error of a failure."""
+    fuzz = kind == "fuzzing"
+    build = fuzz_messages if fuzz else validate_messages
+    results = record["fuzzing_results" if fuzz else "classification_results"]
+    labels, preds = [], []
+    for r, chunk in enumerate(chunks, 1):
+        step[0] = f"{kind} round {r}"
+        shown = chunk if fuzz else [s for s, _ in chunk]
+        null = build(CONTENT_FREE, shown, variant, backend.vision, folder)
+        got, usage, bad = ask(backend, build(description, shown, variant, backend.vision, folder),
+                              Expect("classifications", len(chunk), null), attempts=attempts)
+        _add_usage(record, usage)
+        record["malformed_replies"] += bad
+        for (s, item), p in zip(chunk, got, strict=True):
+            marked = {"marked": item.text} if fuzz else {}
+            results.append({**_sample_ref(s), **marked, "round": r, "label": item.label,
+                            "prediction": int(p)})
+            labels.append(item.label)
+            preds.append(int(p))
+    return labels, preds
 
 
 def interpret(backend: Backend, ev: FeatureEvidence, variant: str, folder: Path, *,
@@ -191,30 +273,24 @@ def interpret(backend: Backend, ev: FeatureEvidence, variant: str, folder: Path,
         record.update(status="skipped", error="too few top-activating samples to describe "
                       "and validate (the feature rarely fires)")
         return record
-    step = "description"
+    step = ["description"]
     try:
         value, usage, bad = ask(backend, describe_messages(ev, variant, backend.vision, folder),
                                 Expect("description"), attempts=attempts)
         _add_usage(record, usage)
         record["malformed_replies"] += bad
         record["description"] = value
-        labels, preds = [], []
-        for r, chunk in enumerate(validation_rounds(ev, rounds, seed), 1):
-            step = f"validation round {r}"
-            msgs = validate_messages(value, chunk, variant, backend.vision, folder)
-            null = validate_messages(CONTENT_FREE, chunk, variant, backend.vision, folder)
-            got, usage, bad = ask(backend, msgs, Expect("classifications", len(chunk), null),
-                                  attempts=attempts)
-            _add_usage(record, usage)
-            record["malformed_replies"] += bad
-            for s, p in zip(chunk, got, strict=True):
-                record["classification_results"].append(
-                    {**_sample_ref(s), "round": r, "label": s.label, "prediction": int(p)})
-                labels.append(s.label)
-                preds.append(int(p))
+        detect = [[(s, Item(s.text, s.label)) for s in c]
+                  for c in validation_rounds(ev, rounds, seed)]
+        labels, preds = _ask_rounds(backend, record, "validation", detect, value, variant,
+                                    folder, attempts, step)
         record.update(f1_score(labels, preds))
+        record["detection"] = classification_scores(labels, preds)["balanced_accuracy"]
+        labels, preds = _ask_rounds(backend, record, "fuzzing", fuzzing_rounds(ev, rounds, seed),
+                                    value, variant, folder, attempts, step)
+        record["fuzzing"] = classification_scores(labels, preds)["balanced_accuracy"]
     except (ReplyError, BackendError) as err:
-        record.update(status="failed", error=f"{step}: {err}")
+        record.update(status="failed", error=f"{step[0]}: {err}")
     record["seconds"] = round(time.perf_counter() - start, 3)
     return record
 
@@ -308,7 +384,8 @@ def autointerp_job(
                     run_usage[variant][k] += v
                 elapsed = time.perf_counter() - start
                 eta = elapsed / done * (len(todo) - done)
-                log(f"{ev.label} {variant}: {rec['status']}, F1 {rec['f1']}, "
+                log(f"{ev.label} {variant}: {rec['status']}, F1 {rec['f1']}, detection "
+                    f"{rec.get('detection')}, fuzzing {rec.get('fuzzing')}, "
                     f"{rec['description']!r} ({done}/{len(todo)}, {elapsed:.0f} s elapsed, "
                     f"eta {eta:.0f} s){' ' + rec['error'] if rec['error'] else ''}")
         finally:
@@ -339,6 +416,9 @@ def summarise(records: Sequence[Mapping[str, Any]], backend: str, model: str,
            "status": {s: sum(r["status"] == s for r in records) for s in ("ok", "failed", "skipped")},
            "cached": sum(bool(r.get("cached")) for r in records),
            "mean_f1": float(np.mean(f1)) if f1 else None, "usage_all_records": usage}
+    for name in ("detection", "fuzzing"):
+        v = [r[name] for r in records if r["status"] == "ok" and r.get(name) is not None]
+        out[f"mean_{name}"] = float(np.mean(v)) if v else None
     if run_usage is not None:
         out["usage_this_run"] = dict(run_usage)
     return out

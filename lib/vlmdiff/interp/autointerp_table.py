@@ -20,20 +20,25 @@ from vlmdiff.interp.scoring import (
 )
 from vlmdiff.logs import Log
 
+SCORES = {"detection": "classification_results", "fuzzing": "fuzzing_results"}
+"""delphi's scores, each from the record's answers it is computed on."""
 TABLE_COLUMNS = ["feature", "layer", "index", "contrast", "rank", "variant", "status",
-                 "description", "f1", "detection", "detection_low", "detection_high",
+                 "description", "f1",
+                 *[f"{name}{end}" for name in SCORES for end in ("", "_low", "_high")],
                  "precision", "recall", "tp", "fp", "fn", "tn", "model", "evidence",
                  "prompt_tokens", "completion_tokens", "calls", "error"]
 
 
-def detection_score(record: Mapping[str, Any]) -> tuple[float | None, float | None, float | None]:
-    """The validation rounds scored as delphi scores detection: class-balanced accuracy of the
-    held-out classifications, with its 95% bootstrap interval (None where nothing was asked)."""
-    results = record.get("classification_results") or []
-    if record.get("status") != "ok" or not results:
+def score_with_interval(record: Mapping[str, Any], results: str
+                        ) -> tuple[float | None, float | None, float | None]:
+    """Class-balanced accuracy of one kind of a record's answers (`classification_results`:
+    detection; `fuzzing_results`: fuzzing) with its 95% bootstrap interval (None where the
+    record has none: not asked, failed, or cached before fuzzing was asked)."""
+    answers = record.get(results) or []
+    if record.get("status") != "ok" or not answers:
         return None, None, None
-    labels = [c["label"] for c in results]
-    preds = [c["prediction"] for c in results]
+    labels = [c["label"] for c in answers]
+    preds = [c["prediction"] for c in answers]
     low, high = balanced_accuracy_interval(labels, preds)
     return float(classification_scores(labels, preds)["balanced_accuracy"]), low, high
 
@@ -45,7 +50,8 @@ def records_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         row = {c: r.get(c) for c in TABLE_COLUMNS}
         row.update(r["usage"])
         row["evidence"] = "; ".join(r["evidence"])
-        row["detection"], row["detection_low"], row["detection_high"] = detection_score(r)
+        for name, results in SCORES.items():
+            row[name], row[f"{name}_low"], row[f"{name}_high"] = score_with_interval(r, results)
         rows.append(row)
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     return table.sort_values(["contrast", "rank", "variant"], kind="stable").reset_index(drop=True)
@@ -53,9 +59,9 @@ def records_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
 
 def f1_comparison(table: pd.DataFrame) -> pd.DataFrame:
     """Per feature: RAW and OVERLAY F1 and descriptions side by side, and their difference."""
-    wide = table.pivot(index=["contrast", "rank", "feature"], columns="variant",
-                       values=["f1", "detection"])
-    wide = wide.reindex(columns=pd.MultiIndex.from_product([["f1", "detection"], VARIANTS]))
+    scores = ["f1", *SCORES]
+    wide = table.pivot(index=["contrast", "rank", "feature"], columns="variant", values=scores)
+    wide = wide.reindex(columns=pd.MultiIndex.from_product([scores, VARIANTS]))
     wide.columns = [f"{score}_{v}" for score, v in wide.columns]
     wide = wide.reset_index()
     wide["f1_gain"] = wide["f1_overlay"] - wide["f1_raw"]
@@ -87,14 +93,14 @@ def markdown_table(wide: pd.DataFrame) -> str:
     lines.append(f"Mean F1 over {len(both)} feature(s) with both variants: RAW "
                  f"{num(both['f1_raw'].mean() if len(both) else None)}, OVERLAY "
                  f"{num(both['f1_overlay'].mean() if len(both) else None)}.")
-    det = wide.dropna(subset=["detection_raw", "detection_overlay"])
-    gain = paired_difference(det["detection_raw"], det["detection_overlay"])
-    lines.append("")
-    lines.append(f"Detection (class-balanced accuracy, chance 0.5; mean [95% bootstrap interval] "
-                 f"over the {len(det)} feature(s) with both): RAW "
-                 f"{mean_interval(det['detection_raw']).text()}, OVERLAY "
-                 f"{mean_interval(det['detection_overlay']).text()}, OVERLAY - RAW "
-                 f"{gain.text()} (paired).")
+    for name in SCORES:
+        both = wide.dropna(subset=[f"{name}_raw", f"{name}_overlay"])
+        raw, overlay = both[f"{name}_raw"], both[f"{name}_overlay"]
+        lines.append("")
+        lines.append(f"{name.title()} (class-balanced accuracy, chance 0.5; mean [95% bootstrap "
+                     f"interval] over the {len(both)} feature(s) with both): RAW "
+                     f"{mean_interval(raw).text()}, OVERLAY {mean_interval(overlay).text()}, "
+                     f"OVERLAY - RAW {paired_difference(raw, overlay).text()} (paired).")
     return "\n".join(lines) + "\n"
 
 
@@ -144,7 +150,7 @@ def autointerp_table_job(
     with atomic_path(out["markdown"]) as tmp:
         tmp.write_text(markdown_table(wide))
     save(fig_autointerp_f1(wide), out["fig_autointerp"], out["fig_autointerp_pdf"])
-    for line in markdown_table(wide).splitlines()[-3:]:
+    for line in markdown_table(wide).splitlines()[-2 * len(SCORES) - 1:]:
         if line:
             log(line)
     return table

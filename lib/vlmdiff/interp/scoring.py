@@ -9,8 +9,8 @@ Interpreting Millions of Features in LLMs"), with intervals.
   where a related feature fires), and says for each whether the feature fires on it.
 - **Fuzzing.** The scorer reads samples with some tokens marked `<<...>>` and says whether the
   marked tokens are what the description is about. Positives are marked where the feature is
-  active (label 1); negatives are marked at the spans of a random positive (label 0), or, where
-  a negative has active tokens of its own (a hard negative from another feature), at those.
+  active (label 1); random negatives are marked at the spans of a random positive (label 0), and
+  hard negatives (samples where another feature fires) where that feature is active.
 - **Score.** Class-balanced accuracy `(TPR + TNR) / 2`, delphi's headline number (chance is
   0.5 whatever the class mix), beside precision, recall and F1.
 - **Intervals.** Per feature, a percentile bootstrap over its samples, resampled within each
@@ -88,17 +88,17 @@ def detection_items(positives: Sequence[Sequence[str]], negatives: Sequence[Sequ
 
 
 def fuzzing_items(positives: Sequence[tuple[Sequence[str], Sequence[float]]],
-                  negatives: Sequence[tuple[Sequence[str], Sequence[float]]],
-                  rng: np.random.Generator) -> list[Item]:
-    """Marked samples from `(tokens, token activations)`: positives at their active spans;
-    negatives at their own active spans if they have any, else at a random positive's."""
+                  negatives: Sequence[Sequence[str]], rng: np.random.Generator, *,
+                  hard: Sequence[tuple[Sequence[str], Sequence[float]]] = ()) -> list[Item]:
+    """Marked samples: positives `(tokens, token activations)` at their active spans (1);
+    random negatives (tokens) at a random positive's spans (0); hard negatives `(tokens,
+    activations of the feature that makes them hard)` at those active spans (0)."""
     pos_spans = [active_spans(a) for _, a in positives]
     items = [Item(highlight(t, s), 1) for (t, _), s in zip(positives, pos_spans, strict=True)]
-    for tokens, acts in negatives:
-        own = active_spans(acts)
-        if not own and pos_spans:
-            own = pos_spans[int(rng.integers(len(pos_spans)))]
-        items.append(Item(highlight(tokens, own), 0))
+    for tokens in negatives:
+        spans = pos_spans[int(rng.integers(len(pos_spans)))] if pos_spans else []
+        items.append(Item(highlight(tokens, spans), 0))
+    items += [Item(highlight(t, active_spans(a)), 0) for t, a in hard]
     return items
 
 
