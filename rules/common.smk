@@ -263,6 +263,15 @@ AUTOINTERP_ON = backend_kind(AUTOINTERP) != "none"
 REPORT_HTML = f"{R}/report.html"
 
 
+def neuronpedia_url(wildcards):
+    """The feature pages' link to the base SAE's feature on Neuronpedia (imported releases it
+    hosts), `{layer}` and `{index}` left for the pages to fill; a function, since a params
+    string's braces would be read as wildcards."""
+    if TRAIN_SAES or not SOURCE["neuronpedia"]:
+        return None
+    return f"https://www.neuronpedia.org/{SOURCE['neuronpedia']}"
+
+
 def check_autointerp_backend(cfg):
     """The backend can run (model file, key, endpoint): checked while the DAG is built, so a
     run that would end in auto-interp does not stop there after an hour."""

@@ -128,6 +128,8 @@ rule dashboards:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        neuronpedia=neuronpedia_url,
     script:
         "../workflow_scripts/dashboards.py"
 

@@ -103,6 +103,18 @@ def test_dashboards_pages_and_pictures(described):
     assert 'rgba(255, 80, 0, 0.0)" title="0.000">circle<' in text
     assert "-3.25" in (out / "L0F1.html").read_text()  # its ablation row
     assert "not scored by the causal stage" in (out / "L0F1.html").read_text()
+    # delphi's scores beside F1 (CountingBackend answers as the oracle: detection 2/3,
+    # fuzzing 5/6); no Neuronpedia link for SAEs trained here
+    assert "0.833" in text and "neuronpedia" not in text.lower()
+
+
+def test_dashboards_link_the_base_feature_on_neuronpedia(described):
+    root, outs = described
+    url = "https://www.neuronpedia.org/llama3.1-8b/{layer}-llamascope-res-32k/{index}"
+    build_dashboards(root / "evidence", outs, root / "features.parquet", root / "heads.csv",
+                     root / "ablation.csv", root / "dash", link_report=False, neuronpedia=url)
+    link = "https://www.neuronpedia.org/llama3.1-8b/0-llamascope-res-32k/1"
+    assert ("a", link) in parse(root / "dash" / "L0F1.html").refs
 
 
 # ------------------------------------------------------------------------- the report

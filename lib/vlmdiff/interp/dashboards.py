@@ -41,13 +41,16 @@ PAGE = jinja2.Template("""<!DOCTYPE html>
 <p><a href="index.html">← all features</a>{% if report %} · <a href="../report.html">report</a>{% endif %}</p>
 <h1>Feature {{ ev.label }}</h1>
 <p>Layer {{ ev.layer }}, feature {{ ev.feature }}; {{ ev.contrast }} contrast, rank {{ ev.rank }}.</p>
+{% if neuronpedia %}<p>The base SAE's feature {{ ev.feature }} (where this adapted feature started) on Neuronpedia: <a href="{{ neuronpedia }}">{{ neuronpedia }}</a></p>{% endif %}
 
 <h2>Descriptions (auto-interp)</h2>
-<table><tr><th>variant</th><th>status</th><th>description</th><th>F1</th><th>precision</th>
+<table><tr><th>variant</th><th>status</th><th>description</th><th>F1</th><th>detection</th>
+<th>fuzzing</th><th>precision</th>
 <th>recall</th><th>model</th><th>evidence seen</th><th>tokens (prompt / completion)</th></tr>
 {% for v, r in records.items() %}<tr><td>{{ v|upper }}</td>
 <td class="{{ r.status }}">{{ r.status }}{% if r.error %}: {{ r.error }}{% endif %}</td>
-<td>{{ r.description or "–" }}</td><td>{{ fmt(r.f1) }}</td><td>{{ fmt(r.precision) }}</td>
+<td>{{ r.description or "–" }}</td><td>{{ fmt(r.f1) }}</td><td>{{ fmt(r.detection) }}</td>
+<td>{{ fmt(r.fuzzing) }}</td><td>{{ fmt(r.precision) }}</td>
 <td>{{ fmt(r.recall) }}</td><td>{{ r.model }}</td><td>{{ r.evidence|join(", ") }}</td>
 <td>{{ r.usage.prompt_tokens }} / {{ r.usage.completion_tokens }}</td></tr>{% endfor %}
 </table>
@@ -141,8 +144,11 @@ def build_dashboards(
     out_dir: str | Path,
     *,
     link_report: bool = True,
+    neuronpedia: str | None = None,
 ) -> list[Path]:
-    """The dashboards folder (`index.html`, one `{feature}.html` each, pictures); its pages."""
+    """The dashboards folder (`index.html`, one `{feature}.html` each, pictures); its pages.
+    `neuronpedia`, a URL with `{layer}` and `{index}`, links each page to the base SAE's
+    feature of the same index there (imported releases that Neuronpedia hosts)."""
     evidence = Path(evidence_dir)
     evs = read_evidence(evidence)
     records = {v: {r["feature"]: r for r in read_records(d)} for v, d in variant_dirs.items()}
@@ -168,6 +174,8 @@ def build_dashboards(
             html = PAGE.render(
                 ev=ev, records=recs, style=STYLE, fmt=fmt, shade=shade, verdicts=verdicts,
                 report=link_report,
+                neuronpedia=neuronpedia.format(layer=ev.layer, index=ev.feature)
+                if neuronpedia else None,
                 stats=row_table(_feature_rows(stats, ev, None).T.reset_index().set_axis(
                     ["statistic", "value"], axis=1), "not in the features table"),
                 heads=row_table(feature_heads, "not scored by the causal stage "
@@ -199,6 +207,7 @@ def dashboards_job(
     raw_dir: str | Path | None,
     overlay_dir: str | Path | None,
     out: Mapping[str, str | Path],
+    neuronpedia: str | None = None,
     log: Log = print,
 ) -> list[Path]:
     """The `dashboards` rule: `build_dashboards` into `out["pages"]`. `raw_dir` and
@@ -206,6 +215,6 @@ def dashboards_job(
     (`autointerp.backend: none`)."""
     variants = {v: d for v, d in (("raw", raw_dir), ("overlay", overlay_dir)) if d is not None}
     pages = build_dashboards(evidence_dir, variants, features_path, heads_path, ablation_path,
-                             out["pages"])
+                             out["pages"], neuronpedia=neuronpedia)
     log(f"{len(pages)} feature dashboard(s) and an index")
     return pages
