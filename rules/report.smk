@@ -35,6 +35,7 @@ rule autointerp_evidence:
         max_features=AUTOINTERP["max_features"],
         k=AUTOINTERP["k"],
         holdout=AUTOINTERP["holdout"],
+        quantiles=AUTOINTERP["quantiles"],
         negatives=AUTOINTERP["negatives"],
         negative_max_fraction=AUTOINTERP["negative_max_fraction"],
         n_heads=AUTOINTERP["n_heads"],

@@ -38,6 +38,7 @@ from vlmdiff.interp.evidence import (
     FeatureEvidence,
     Sample,
     attention_shares,
+    holdout_positives,
     interleave,
     read_evidence,
     scene_text,
@@ -211,6 +212,18 @@ def test_interleave_dedupes_across_sources():
     assert interleave(ranked, 5) == [("VQA", 5), ("VQA-spatial", 1), ("VSR", 9), ("VQA", 6),
                                      ("VSR", 8)]
     assert len(interleave(ranked, 100)) == 6  # a appears once
+
+
+def test_holdout_positives_top_or_across_quantiles():
+    cands = [Sample("VQA", r, f"q{r}", 10.0 - r, 1) for r in range(12)]  # strongest first
+    rng = np.random.default_rng(0)
+    assert [s.row for s in holdout_positives(cands, 4, 1, rng)] == [0, 1, 2, 3]  # as before
+    picked = holdout_positives(cands, 4, 2, rng)
+    # 2 from the top half (rows 0-5) and 2 from the bottom half (rows 6-11)
+    assert len(picked) == 4
+    assert sum(s.row < 6 for s in picked) == 2 and sum(s.row >= 6 for s in picked) == 2
+    # more slices than positives asked: one from each of `n` slices
+    assert len(holdout_positives(cands, 2, 5, rng)) == 2
 
 
 def test_scene_words_and_attention_shares():

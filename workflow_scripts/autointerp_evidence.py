@@ -17,6 +17,7 @@ autointerp_evidence_job(
         max_features=p.max_features,
         k=p.k,
         holdout=p.holdout,
+        quantiles=p.quantiles,
         negatives=p.negatives,
         negative_max_fraction=p.negative_max_fraction,
         n_heads=p.n_heads,

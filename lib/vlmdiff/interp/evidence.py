@@ -26,6 +26,7 @@ import xarray as xr
 from PIL import Image
 
 from vlmdiff.files import atomic_dir, atomic_path
+from vlmdiff.interp.scoring import quantile_sample
 from vlmdiff.logs import Log
 
 if TYPE_CHECKING:
@@ -307,6 +308,7 @@ class EvidenceSettings:
     batch_size: int
     seed: int
     device: str
+    quantiles: int = 1
 
 
 def autointerp_evidence_job(
@@ -367,7 +369,7 @@ def write_evidence(
         for layer, f in keys:
             by_layer.setdefault(layer, []).append(f)
         saes = {layer: TopKSAE.load(sae_dirs[layer], device=dev) for layer in by_layer}
-        depth = k + settings.holdout
+        depth = k + settings.holdout * settings.quantiles
         stats_top = {split: top_samples(stats_paths, split, table, depth)
                      for split in ("val", "spatial")}
         vsr_best = sample_maxima(model, processor, sources.data["VSR"].select_columns(
@@ -386,9 +388,11 @@ def write_evidence(
             negs = _negatives(model, processor, sources, rng, ranked, samples,
                               settings.negatives, settings.negative_max_fraction, layer, f,
                               saes[layer], batch_size, dev)
+            positives = holdout_positives(samples[k:], settings.holdout, settings.quantiles,
+                                          rng)
             ev = FeatureEvidence(label, layer, f, str(table["contrast"].iloc[i]),
                                  int(table["rank"].iloc[i]), [head_label(*h) for h in heads],
-                                 samples[:k], samples[k:], negs)
+                                 samples[:k], positives, negs)
             _draw(ev, heads, model, processor, sources, out, dev)
             result.append(ev)
             log(f"{label}: {len(ev.examples)} example(s), {len(ev.positives)} held-out "
@@ -398,6 +402,18 @@ def write_evidence(
     with atomic_path(out / EVIDENCE_FILE) as tmp:
         tmp.write_text(json.dumps(doc, indent=1))
     return result
+
+
+def holdout_positives(candidates: Sequence[Sample], n: int, quantiles: int,
+                      rng: np.random.Generator) -> list[Sample]:
+    """`n` held-out positives from the top samples after the described ones (strongest first):
+    the next `n` with `quantiles` 1, else delphi's sampler, `n // quantiles` from each of
+    `quantiles` equal slices of the candidates ranked by activation (`n` slices where `n` is
+    smaller), so that weak activations are scored as well as the top ones."""
+    if quantiles <= 1:
+        return list(candidates[:n])
+    picked = quantile_sample([s.activation for s in candidates], min(quantiles, n), n, rng)
+    return [candidates[i] for i, _ in picked]
 
 
 def _describe_rows(model: Any, processor: Any, sources: _Sources, picks: Sequence[tuple[str, int]],
