@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from browser import chromium, page_load_problems
+from browser import chromium, page_load_problems, page_values
 from PIL import Image
 from test_autointerp import CountingBackend, make_evidence, openai_cfg
 from vlmdiff.interp.autointerp import autointerp_job
@@ -87,7 +87,8 @@ def test_dashboards_pages_and_pictures(described):
                              root / "heads.csv", root / "ablation.csv", out, link_report=False)
     assert sorted(p.name for p in pages) == ["L0F0.html", "L0F1.html"]
     index = out / "index.html"
-    assert [r for k, r in parse(index).refs if k == "a"] == ["L0F0.html", "L0F1.html"]
+    assert [r for k, r in parse(index).refs if k == "a"] == [
+        "features.html", "L0F0.html", "L0F1.html"]
     for page in [index, *pages]:
         assert not missing_references(page), missing_references(page)
     text = (out / "L0F0.html").read_text()
@@ -106,6 +107,34 @@ def test_dashboards_pages_and_pictures(described):
     # delphi's scores beside F1 (CountingBackend answers as the oracle: detection 2/3,
     # fuzzing 5/6); no Neuronpedia link for SAEs trained here
     assert "0.833" in text and "neuronpedia" not in text.lower()
+
+
+def test_every_adapted_feature_in_one_sortable_table(described):
+    root, outs = described
+    stats = pd.DataFrame({"layer": [0, 0, 1, 1], "feature": [0, 1, 0, 7],
+                          "c_f": [0.91, 0.42, 0.5, 0.1], "E_v": [0.03, 0.02, 0.0, 0.2],
+                          "or_spatial": [1.5, 9.0, 2.0, float("nan")],
+                          "adapted": [False, True, True, True],
+                          "spatial_set": [False, True, False, False],
+                          "ocr_set": [False, False, False, True]})
+    stats.to_parquet(root / "features.parquet")
+    build_dashboards(root / "evidence", outs, root / "features.parquet", root / "heads.csv",
+                     root / "ablation.csv", root / "dash", link_report=False)
+    page = root / "dash" / "features.html"
+    text = page.read_text()
+    assert "Adapted features (3)" in text and "L0F0" not in text  # L0F0 is not adapted
+    assert [r for k, r in parse(page).refs if k == "a"] == ["index.html", "L0F1.html"]
+    assert re.search(r">L1F7<.*>ocr<", text) and re.search(r">L0F1</a>.*>spatial<", text)
+    if chromium() is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    # columns: feature, layer, index, c_f, E_v, or_spatial, sets
+    first = "document.querySelector('#features tbody tr td').textContent"
+    last = "document.querySelector('#features tbody tr:last-child td').textContent"
+    values = page_values(page.as_uri(), [first, *(f"sortBy({c}); {first}" for c in (5, 5)),
+                                         last, f"sortBy(3); {first}"])
+    # or_spatial largest first (9.0), then smallest first (2.0; the missing one stays last),
+    # then c_f largest first (0.5)
+    assert values == ["L0F1", "L0F1", "L1F0", "L1F7", "L1F0"]
 
 
 def test_dashboards_link_the_base_feature_on_neuronpedia(described):

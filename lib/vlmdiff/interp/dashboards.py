@@ -1,4 +1,5 @@
-"""Feature dashboards: one static HTML page per described feature, and an index.
+"""Feature dashboards: one static HTML page per described feature, an index, and a sortable
+table of every adapted feature (`features.html`).
 
 A page holds the feature's statistics row (features table), its top-activating samples with
 the picture and the prompt tokens shaded by activation, the OVERLAY heat maps, the attribution
@@ -20,6 +21,8 @@ from markupsafe import escape
 from vlmdiff.files import atomic_dir
 from vlmdiff.interp.autointerp import VARIANTS, read_records
 from vlmdiff.interp.evidence import FeatureEvidence, Sample, read_evidence
+from vlmdiff.interp.feature_index import FILE as FEATURES_PAGE
+from vlmdiff.interp.feature_index import features_page
 from vlmdiff.logs import Log
 
 STYLE = """
@@ -85,6 +88,7 @@ INDEX = jinja2.Template("""<!DOCTYPE html>
 <style>{{ style }}</style></head><body>
 {% if report %}<p><a href="../report.html">← report</a></p>{% endif %}
 <h1>Feature dashboards</h1>
+<p><a href="features.html">Every adapted feature</a>, sortable by c_f, E_v, odds ratio and set.</p>
 {% if not rows %}<p>No selected features were described (EMPTY selection).</p>{% endif %}
 <table><tr><th>feature</th><th>contrast</th><th>rank</th><th>top heads</th>
 {% for v in variants %}<th>{{ v|upper }} description</th><th>F1 {{ v|upper }}</th>{% endfor %}</tr>
@@ -195,6 +199,8 @@ def build_dashboards(
                             for v in VARIANTS}})
         (tmp / "index.html").write_text(INDEX.render(rows=rows, variants=VARIANTS, style=STYLE,
                                                      fmt=fmt, report=link_report))
+        (tmp / FEATURES_PAGE).write_text(
+            features_page(stats, [r["label"] for r in rows], STYLE))
     return pages
 
 
