@@ -172,7 +172,8 @@ def make_evidence(folder, n_features=3, heads=True):
                _sample(folder, f"{label}n1", "how many shapes are there?", 0, 0.0),
                _sample(folder, f"{label}n2", "what letter is on the left shape?", 0, 0.0)]
         feats.append(FeatureEvidence(label, 0, i, "spatial", i + 1, ["L0H1"] if heads else [],
-                                     ex, pos, neg))
+                                     ex, pos, neg, {"promoted": [["left", 1.5], ["of", 0.25]],
+                                                    "suppressed": [["right", -0.7]]}))
     (folder / EVIDENCE_FILE).write_text(json.dumps({"features": [asdict(f) for f in feats]}))
     return feats
 

@@ -107,6 +107,9 @@ def test_dashboards_pages_and_pictures(described):
     # delphi's scores beside F1 (CountingBackend answers as the oracle: detection 2/3,
     # fuzzing 5/6); no Neuronpedia link for SAEs trained here
     assert "0.833" in text and "neuronpedia" not in text.lower()
+    # the logit effects from the evidence, promoted and suppressed side by side
+    assert re.search(r"<td>left</td><td>1.500</td><td>right</td><td>-0.700</td>", text)
+    assert "<td>of</td><td>0.250</td><td></td><td>–</td>" in text
 
 
 def test_every_adapted_feature_in_one_sortable_table(described):

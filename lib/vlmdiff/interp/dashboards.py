@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Mapping, Sequence
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,12 @@ PAGE = jinja2.Template("""<!DOCTYPE html>
 
 <h2>Statistics</h2>
 {{ stats|safe }}
+
+<h2>Top logit effects</h2>
+{% if logits %}<p class="muted">The unembedding (final norm's gain folded in) times the unit decoder direction: the next tokens this feature raises and lowers most.</p>
+<table><tr><th>promoted</th><th>logit</th><th>suppressed</th><th>logit</th></tr>
+{% for (p, pv), (q, qv) in logits %}<tr><td>{{ p }}</td><td>{{ fmt(pv) }}</td><td>{{ q }}</td><td>{{ fmt(qv) }}</td></tr>{% endfor %}
+</table>{% else %}<p class="muted">not in the evidence (written before logit effects were)</p>{% endif %}
 
 <h2>Attribution top heads</h2>
 {{ heads|safe }}
@@ -178,6 +185,9 @@ def build_dashboards(
             html = PAGE.render(
                 ev=ev, records=recs, style=STYLE, fmt=fmt, shade=shade, verdicts=verdicts,
                 report=link_report,
+                logits=list(zip_longest(ev.logit_effects.get("promoted", []),
+                                        ev.logit_effects.get("suppressed", []),
+                                        fillvalue=("", None))),
                 neuronpedia=neuronpedia.format(layer=ev.layer, index=ev.feature)
                 if neuronpedia else None,
                 stats=row_table(_feature_rows(stats, ev, None).T.reset_index().set_axis(

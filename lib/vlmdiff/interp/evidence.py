@@ -70,10 +70,13 @@ class FeatureEvidence:
     examples: list[Sample]
     positives: list[Sample]
     negatives: list[Sample]
+    logit_effects: dict[str, list[Any]] = field(default_factory=dict)
+    """Tokens the decoder direction promotes and suppresses most (`interp.logit_effects`)."""
 
     def digest(self) -> str:
         """A hash of everything a language model is shown of this feature."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        shown = {k: v for k, v in asdict(self).items() if k != "logit_effects"}
+        return hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()
 
 
 def read_evidence(folder: str | Path) -> list[FeatureEvidence]:
@@ -351,6 +354,7 @@ def write_evidence(
     from vlmdiff.causal.context import feature_label
     from vlmdiff.features.lexical import sample_maxima
     from vlmdiff.features.selection import top_samples
+    from vlmdiff.interp.logit_effects import logit_effects, unembedding
     from vlmdiff.models.build import load_vlm, resolve_device
     from vlmdiff.sae.topk import TopKSAE
 
@@ -376,6 +380,7 @@ def write_evidence(
             ["question", "image"]), by_layer, saes, batch_size=batch_size, device=dev)
         with xr.open_dataset(attribution_path) as ds:
             attribution = ds.load()
+        w_u = unembedding(model)
         rng = np.random.default_rng(settings.seed)
         for i, (layer, f) in enumerate(keys):
             label = feature_label(layer, f)
@@ -392,7 +397,9 @@ def write_evidence(
                                           rng)
             ev = FeatureEvidence(label, layer, f, str(table["contrast"].iloc[i]),
                                  int(table["rank"].iloc[i]), [head_label(*h) for h in heads],
-                                 samples[:k], positives, negs)
+                                 samples[:k], positives, negs, logit_effects(
+                                     w_u, saes[layer].feature_directions()[f],
+                                     processor.tokenizer))
             _draw(ev, heads, model, processor, sources, out, dev)
             result.append(ev)
             log(f"{label}: {len(ev.examples)} example(s), {len(ev.positives)} held-out "
