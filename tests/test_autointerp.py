@@ -151,6 +151,9 @@ def _sample(folder, name, text, label, act, overlay=True):
     s = Sample("VQA", len(name), text, act, label, image=f"img/{name}.png",
                scene="the red circle (top left)", tokens=text.split(),
                token_acts=[act if w == "left" else 0.0 for w in text.split()])
+    (folder / "acts").mkdir(exist_ok=True)
+    img.save(folder / f"acts/{name}.png")
+    s.activation_overlay = f"acts/{name}.png"
     if overlay:
         (folder / "overlay").mkdir(exist_ok=True)
         img.save(folder / f"overlay/{name}.png")

@@ -92,8 +92,10 @@ def test_dashboards_pages_and_pictures(described):
     for page in [index, *pages]:
         assert not missing_references(page), missing_references(page)
     text = (out / "L0F0.html").read_text()
-    # 3 examples + 3 positives + 3 negatives, each with its picture and its heat map
-    assert len(image_refs(out / "L0F0.html")) == 18
+    # 3 examples + 3 positives + 3 negatives, each with its picture, the feature's activation
+    # over it and the heads' heat map
+    assert len(image_refs(out / "L0F0.html")) == 27
+    assert "acts/L0F0e0.png" in image_refs(out / "L0F0.html")
     assert text.count("this neuron activates for objects left of others") == 2  # RAW, OVERLAY
     assert "0.667" in text and "0.910" not in text and "0.91" in text  # F1; c_f from the stats
     assert "L0H1 L0H0" in text and "not ablated by the causal stage" in text

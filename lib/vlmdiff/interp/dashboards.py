@@ -1,10 +1,11 @@
 """Feature dashboards: one static HTML page per described feature, an index, and a sortable
 table of every adapted feature (`features.html`).
 
-A page holds the feature's statistics row (features table), its top-activating samples with
-the picture and the prompt tokens shaded by activation, the OVERLAY heat maps, the attribution
-top heads, the ablation row (table 2), and the RAW and OVERLAY descriptions with their F1 and
-classifications. Pictures are copied beside the pages, so the folder opens from disk.
+A page holds the feature's statistics row (features table), its top logit effects, its
+top-activating samples with the picture, the feature's own activation drawn over it and the
+prompt tokens shaded by activation, the OVERLAY heat maps, the attribution top heads, the
+ablation row (table 2), and the RAW and OVERLAY descriptions with their F1, detection and
+fuzzing scores and classifications. Pictures are copied beside the pages, so the folder opens from disk.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: left; vertical-align: top; }
 th { background: #f2f2f2; }
 .samples { display: flex; flex-wrap: wrap; gap: 1em; }
-.sample { border: 1px solid #ddd; padding: 0.5em; width: 21em; }
+.sample { border: 1px solid #ddd; padding: 0.5em; width: 30em; }
 .sample img { width: 144px; height: 144px; image-rendering: pixelated; margin-right: 4px; }
 .tok { padding: 0 2px; border-radius: 3px; }
 .muted { color: #777; font-size: 0.85em; }
@@ -79,7 +80,7 @@ PAGE = jinja2.Template("""<!DOCTYPE html>
 {% if not group %}<p class="muted">none</p>{% endif %}
 <div class="samples">
 {% for s in group %}<div class="sample">
-<div><img src="{{ s.image }}" alt="picture of {{ s.source }} row {{ s.row }}">{% if s.overlay %}<img src="{{ s.overlay }}" alt="heat map of the top heads on {{ s.source }} row {{ s.row }}">{% endif %}</div>
+<div><img src="{{ s.image }}" alt="picture of {{ s.source }} row {{ s.row }}">{% if s.activation_overlay %}<img src="{{ s.activation_overlay }}" alt="the feature's activation over {{ s.source }} row {{ s.row }}" title="the feature's own activation on the image tokens (one scale for all its samples)">{% endif %}{% if s.overlay %}<img src="{{ s.overlay }}" alt="heat map of the top heads on {{ s.source }} row {{ s.row }}">{% endif %}</div>
 <div>{% for t, a in shade(s) %}<span class="tok" style="background: rgba(255, 80, 0, {{ a }})" title="{{ t[1] }}">{{ t[0] }}</span> {% endfor %}</div>
 <div class="muted">{{ s.source }} row {{ s.row }}, max activation {{ fmt(s.activation) }}{% if s.scene %}; picture: {{ s.scene }}{% endif %}</div>
 {% if s.overlay_text %}<div class="muted">{{ s.overlay_text }}</div>{% endif %}
@@ -140,7 +141,7 @@ def _feature_rows(table: pd.DataFrame, ev: FeatureEvidence, label_col: str | Non
 def _copy_pictures(evs: Sequence[FeatureEvidence], evidence: Path, out: Path) -> None:
     for ev in evs:
         for s in ev.examples + ev.positives + ev.negatives:
-            for rel in (s.image, s.overlay):
+            for rel in (s.image, s.activation_overlay, s.overlay):
                 if rel:
                     (out / rel).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(evidence / rel, out / rel)

@@ -55,6 +55,8 @@ class Sample:
     token_acts: list[float] = field(default_factory=list)
     overlay: str | None = None
     overlay_text: str | None = None
+    activation_overlay: str | None = None
+    """The feature's own activation on the image tokens drawn over the picture (pages only)."""
 
 
 @dataclass
@@ -76,6 +78,9 @@ class FeatureEvidence:
     def digest(self) -> str:
         """A hash of everything a language model is shown of this feature."""
         shown = {k: v for k, v in asdict(self).items() if k != "logit_effects"}
+        for group in ("examples", "positives", "negatives"):
+            for sample in shown[group]:
+                sample.pop("activation_overlay")
         return hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()
 
 
@@ -400,7 +405,7 @@ def write_evidence(
                                  samples[:k], positives, negs, logit_effects(
                                      w_u, saes[layer].feature_directions()[f],
                                      processor.tokenizer))
-            _draw(ev, heads, model, processor, sources, out, dev)
+            _draw(ev, heads, model, processor, sources, out, dev, saes[layer])
             result.append(ev)
             log(f"{label}: {len(ev.examples)} example(s), {len(ev.positives)} held-out "
                 f"positive(s), {len(ev.negatives)} negative(s), heads {ev.heads or 'none'}")
@@ -465,20 +470,28 @@ def _negatives(model: Any, processor: Any, sources: _Sources, rng: np.random.Gen
 
 
 def _draw(ev: FeatureEvidence, heads: Sequence[tuple[int, int]], model: Any, processor: Any,
-          sources: _Sources, out: Path, dev: torch.device) -> None:
-    """Each sample's picture and, where the feature has heads, its heat map, as PNGs."""
+          sources: _Sources, out: Path, dev: torch.device, sae: Any) -> None:
+    """Each sample's picture, the feature's own activation over it and, where the feature has
+    heads, their attention heat map, as PNGs."""
     from vlmdiff.causal.attention import attention_to_image
+    from vlmdiff.interp.image_acts import image_token_activations
 
     samples = ev.examples + ev.positives + ev.negatives
     images = [sources.data[s.source][s.row]["image"] for s in samples]
+    questions = [sources.question(s.source, s.row) for s in samples]
     grids = None
     if heads:
-        questions = [sources.question(s.source, s.row) for s in samples]
         grids = attention_to_image(model, processor, images, questions, list(heads),
                                    device=dev).mean(axis=1)
+    acts = image_token_activations(model, processor, images, questions, ev.layer, ev.feature,
+                                   sae, device=dev)
+    # one scale for all of the feature's samples, so that the pictures compare
+    acts = acts / max(float(acts.max(initial=0.0)), 1e-12)
     for i, (s, img) in enumerate(zip(samples, images, strict=True)):
         s.image = f"img/{ev.label}_{i}.png"
         _save_png(picture(img), out / s.image)
+        s.activation_overlay = f"acts/{ev.label}_{i}.png"
+        _save_png(heat_overlay(img, acts[i]), out / s.activation_overlay)
         if grids is not None:
             s.overlay = f"overlay/{ev.label}_{i}.png"
             _save_png(heat_overlay(img, grids[i]), out / s.overlay)
