@@ -354,7 +354,7 @@ def write_evidence(
     log: Log = print,
 ) -> list[FeatureEvidence]:
     """Samples, pictures, token activations and heat maps of each feature, into `out_dir`
-    (`evidence.json`, `img/`, `overlay/`)."""
+    (`evidence.json`, `img/`, `acts/`, `overlay/`)."""
     from vlmdiff.causal.attribution import head_label
     from vlmdiff.causal.context import feature_label
     from vlmdiff.features.lexical import sample_maxima
