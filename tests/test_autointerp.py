@@ -37,12 +37,11 @@ from vlmdiff.interp.evidence import (
     EVIDENCE_FILE,
     FeatureEvidence,
     Sample,
-    attention_shares,
     holdout_positives,
     interleave,
     read_evidence,
-    scene_text,
 )
+from vlmdiff.interp.pictures import attention_shares, scene_text
 
 # ------------------------------------------------------------------------- a scripted server
 
@@ -558,7 +557,7 @@ def test_failed_features_are_not_cached(tmp_path):
 
 
 def test_heat_overlay_colours_where_attention_is():
-    from vlmdiff.interp.evidence import IMAGE_PX, heat_overlay, picture
+    from vlmdiff.interp.pictures import IMAGE_PX, heat_overlay, picture
 
     img = Image.new("RGB", (32, 32), (238, 238, 232))
     grid = np.zeros((4, 4), np.float32)
