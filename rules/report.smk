@@ -6,7 +6,9 @@
 
 rule autointerp_evidence:
     """Each feature's top samples (VQA, VQA-spatial, VSR, deduplicated), held-out positives,
-    random negatives: pictures, prompt-token activations, top-head heat maps."""
+    random and hard negatives: pictures, prompt-token activations, top-head heat maps; for
+    every feature with a page (every spatial and OCR set member) its activation histogram over
+    D_base, examples across activation quantiles and logit effects."""
     input:
         vlm=f"{R}/models/vlm_stage2",
         val=world_file("val"),
@@ -14,6 +16,7 @@ rule autointerp_evidence:
         vsr=world_file("vsr"),
         stats=FEATURE_STATS,
         selected=f"{R}/tables/selected_features.parquet",
+        features=f"{R}/tables/features.parquet",
         saes=FEATURE_SAES,
         scores=f"{R}/causal/attribution.nc",
     output:
@@ -37,8 +40,10 @@ rule autointerp_evidence:
         holdout=AUTOINTERP["holdout"],
         quantiles=AUTOINTERP["quantiles"],
         negatives=AUTOINTERP["negatives"],
+        hard_negatives=AUTOINTERP["hard_negatives"],
         negative_max_fraction=AUTOINTERP["negative_max_fraction"],
         n_heads=AUTOINTERP["n_heads"],
+        pages=AUTOINTERP["pages"],
         variant=CAUSAL["attribution"]["variant"],
         template=vsr_template,
         batch_size=AUTOINTERP["batch_size"],

@@ -34,6 +34,7 @@ import numpy as np
 
 from vlmdiff.files import atomic_dir, atomic_path
 from vlmdiff.interp.backends import Backend, BackendError, Expect, Message, ReplyError, ask
+from vlmdiff.interp.distribution import word_marks
 from vlmdiff.interp.evidence import FeatureEvidence, Sample, read_evidence
 from vlmdiff.interp.scoring import Item, classification_scores, fuzzing_items
 from vlmdiff.logs import Log
@@ -159,8 +160,9 @@ def fuzz_messages(description: str, pairs: Sequence[tuple[Sample, Item]], varian
 
 
 def validation_rounds(ev: FeatureEvidence, n_rounds: int, seed: int) -> list[list[Sample]]:
-    """Held-out positives and negatives, shuffled (seeded per feature), in `n_rounds` rounds."""
-    samples = ev.positives + ev.negatives
+    """Held-out positives, random and hard negatives, shuffled (seeded per feature), in
+    `n_rounds` rounds."""
+    samples = ev.positives + ev.negatives + ev.hard_negatives
     salt = int(hashlib.sha256(ev.label.encode()).hexdigest()[:8], 16)
     order = np.random.default_rng([seed, salt]).permutation(len(samples))
     chunks = np.array_split(order, max(1, min(n_rounds, len(samples))))
@@ -181,12 +183,17 @@ def words(s: Sample) -> tuple[list[str], list[float]]:
 
 def fuzzing_rounds(ev: FeatureEvidence, n_rounds: int, seed: int
                    ) -> list[list[tuple[Sample, Item]]]:
-    """Held-out positives and negatives marked for fuzzing, shuffled, in `n_rounds` rounds."""
+    """Held-out positives and negatives marked for fuzzing, shuffled, in `n_rounds` rounds.
+    Hard negatives are marked on the words they share with the described examples (where
+    they share none, at a random positive's spans, as random negatives are)."""
     salt = int(hashlib.sha256(ev.label.encode()).hexdigest()[:8], 16)
     rng = np.random.default_rng([seed, salt, 1])
-    items = fuzzing_items([words(s) for s in ev.positives],
-                          [words(s)[0] for s in ev.negatives], rng)
-    pairs = list(zip(ev.positives + ev.negatives, items, strict=True))
+    marks = {id(s): word_marks(words(s)[0], ev.hard_words) for s in ev.hard_negatives}
+    marked = [s for s in ev.hard_negatives if any(marks[id(s)])]
+    unmarked = ev.negatives + [s for s in ev.hard_negatives if not any(marks[id(s)])]
+    items = fuzzing_items([words(s) for s in ev.positives], [words(s)[0] for s in unmarked],
+                          rng, hard=[(words(s)[0], marks[id(s)]) for s in marked])
+    pairs = list(zip(ev.positives + unmarked + marked, items, strict=True))
     order = rng.permutation(len(pairs))
     chunks = np.array_split(order, max(1, min(n_rounds, len(pairs))))
     return [[pairs[int(i)] for i in c] for c in chunks if len(c)]
@@ -208,6 +215,24 @@ def f1_score(labels: Sequence[int], predictions: Sequence[int]) -> dict[str, flo
             "f1": f1}
 
 
+def sample_kinds(ev: FeatureEvidence) -> dict[tuple[str, int], str]:
+    """(source, row) -> "positive", "random" or "hard" of each sample scored."""
+    kinds = {(s.source, s.row): "positive" for s in ev.positives}
+    kinds.update({(s.source, s.row): "random" for s in ev.negatives})
+    kinds.update({(s.source, s.row): "hard" for s in ev.hard_negatives})
+    return kinds
+
+
+def kind_scores(results: Sequence[Mapping[str, Any]], kinds: Sequence[str]
+                ) -> dict[str, float | int] | None:
+    """`classification_scores` of the results of the sample kinds named (None where they hold
+    no negative: a score against negatives that were never shown means nothing)."""
+    chosen = [r for r in results if r["kind"] in kinds]
+    if not any(r["label"] == 0 for r in chosen):
+        return None
+    return classification_scores([r["label"] for r in chosen], [r["prediction"] for r in chosen])
+
+
 def _sample_ref(s: Sample) -> dict[str, Any]:
     return {"source": s.source, "row": s.row, "text": s.text, "activation": s.activation}
 
@@ -221,7 +246,9 @@ def _base_record(ev: FeatureEvidence, variant: str, backend: Backend) -> dict[st
         "examples": [{**_sample_ref(s), "image": s.image, "overlay": s.overlay}
                      for s in ev.examples],
         "description": None, "classification_results": [], "f1": None, "detection": None,
-        "fuzzing_results": [], "fuzzing": None,
+        "fuzzing_results": [], "fuzzing": None, "detection_random": None,
+        "detection_hard": None, "fuzzing_random": None, "fuzzing_hard": None,
+        "hard_words": ev.hard_words,
         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0},
         "malformed_replies": [], "status": "ok", "error": None,
     }
@@ -234,7 +261,8 @@ def _add_usage(record: dict[str, Any], usage: Mapping[str, int]) -> None:
 
 def _ask_rounds(backend: Backend, record: dict[str, Any], kind: str,
                 chunks: Sequence[Sequence[tuple[Sample, Item]]], description: str, variant: str,
-                folder: Path, attempts: int, step: list[str]) -> tuple[list[int], list[int]]:
+                folder: Path, attempts: int, step: list[str],
+                kinds: Mapping[tuple[str, int], str]) -> tuple[list[int], list[int]]:
     """One call per round of `kind` ("validation": prompt B on whole samples; "fuzzing":
     prompt C on marked words), calibrated against the content-free description; each answer
     joins the record's results; returns labels and predictions. `step` names the round being
@@ -254,7 +282,7 @@ def _ask_rounds(backend: Backend, record: dict[str, Any], kind: str,
         for (s, item), p in zip(chunk, got, strict=True):
             marked = {"marked": item.text} if fuzz else {}
             results.append({**_sample_ref(s), **marked, "round": r, "label": item.label,
-                            "prediction": int(p)})
+                            "prediction": int(p), "kind": kinds[s.source, s.row]})
             labels.append(item.label)
             preds.append(int(p))
     return labels, preds
@@ -280,15 +308,23 @@ def interpret(backend: Backend, ev: FeatureEvidence, variant: str, folder: Path,
         _add_usage(record, usage)
         record["malformed_replies"] += bad
         record["description"] = value
+        kinds = sample_kinds(ev)
         detect = [[(s, Item(s.text, s.label)) for s in c]
                   for c in validation_rounds(ev, rounds, seed)]
         labels, preds = _ask_rounds(backend, record, "validation", detect, value, variant,
-                                    folder, attempts, step)
-        record.update(f1_score(labels, preds))
+                                    folder, attempts, step, kinds)
         record["detection"] = classification_scores(labels, preds)["balanced_accuracy"]
+        # F1 as before hard negatives: the positives against the random negatives only
+        results = record["classification_results"]
+        record.update(f1_score(*zip(*[(r["label"], r["prediction"]) for r in results
+                                      if r["kind"] != "hard"], strict=True)))
         labels, preds = _ask_rounds(backend, record, "fuzzing", fuzzing_rounds(ev, rounds, seed),
-                                    value, variant, folder, attempts, step)
+                                    value, variant, folder, attempts, step, kinds)
         record["fuzzing"] = classification_scores(labels, preds)["balanced_accuracy"]
+        for name, key in (("detection", "classification_results"), ("fuzzing", "fuzzing_results")):
+            for kind in ("random", "hard"):
+                got = kind_scores(record[key], ("positive", kind))
+                record[f"{name}_{kind}"] = got["balanced_accuracy"] if got else None
     except (ReplyError, BackendError) as err:
         record.update(status="failed", error=f"{step[0]}: {err}")
     record["seconds"] = round(time.perf_counter() - start, 3)
@@ -352,7 +388,7 @@ def autointerp_job(
     if make_backend is None:
         from vlmdiff.interp.backends import make_backend
     folder, cache = Path(evidence_dir), Path(cache_dir)
-    evs = read_evidence(folder)
+    evs = [ev for ev in read_evidence(folder) if ev.described]
     name, model, vision = _identity(cfg)
     rounds, attempts = cfg["rounds"], cfg["attempts"]
     records: dict[tuple[str, str], dict[str, Any]] = {}
@@ -416,7 +452,7 @@ def summarise(records: Sequence[Mapping[str, Any]], backend: str, model: str,
            "status": {s: sum(r["status"] == s for r in records) for s in ("ok", "failed", "skipped")},
            "cached": sum(bool(r.get("cached")) for r in records),
            "mean_f1": float(np.mean(f1)) if f1 else None, "usage_all_records": usage}
-    for name in ("detection", "fuzzing"):
+    for name in ("detection", "fuzzing", "detection_hard", "fuzzing_hard"):
         v = [r[name] for r in records if r["status"] == "ok" and r.get(name) is not None]
         out[f"mean_{name}"] = float(np.mean(v)) if v else None
     if run_usage is not None:
