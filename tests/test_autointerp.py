@@ -489,6 +489,44 @@ def test_openai_job_f1_images_and_tokens(tmp_path, monkeypatch):
     assert md.count("OVERLAY - RAW 0.00 [0.00, 0.00] (paired)") == 2
 
 
+def test_hard_negatives_are_scored_apart_and_kept_out_of_f1(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMDIFF_TEST_KEY", "secret")
+    evidence = tmp_path / "evidence"
+    evidence.mkdir()
+    feats = make_evidence(evidence, 2)
+    ev = feats[0]
+    # two quiet samples that say 'left' (the word it fires on) and one that does not
+    ev.hard_negatives = [_sample(evidence, "L0F0h0", "is it left of the box?", 0, 0.0),
+                         _sample(evidence, "L0F0h1", "the left one is blue?", 0, 0.0),
+                         _sample(evidence, "L0F0h2", "what shape is it?", 0, 0.0)]
+    for i, s in enumerate(ev.hard_negatives):
+        s.row = 100 + i
+    ev.hard_words = ["left"]
+    feats[1].described = False  # a set member with a page but no description
+    (evidence / EVIDENCE_FILE).write_text(json.dumps({"features": [asdict(f) for f in feats]}))
+    assert read_evidence(evidence)[0].hard_negatives[1].text == "the left one is blue?"
+    with ScriptedServer(default=oracle) as srv:
+        recs = autointerp_job(evidence_dir=evidence, out={"raw": tmp_path / "raw"},
+                              cache_dir=tmp_path / "cache", cfg=openai_cfg(srv.url), seed=0,
+                              log=lambda m: None)
+    (rec,) = recs["raw"]  # the undescribed feature is not asked
+    assert rec["feature"] == "L0F0" and rec["status"] == "ok"
+    kinds = [c["kind"] for c in rec["classification_results"]]
+    assert sorted(kinds) == ["hard"] * 3 + ["positive"] * 3 + ["random"] * 3
+    # F1 as before: positives against random negatives (tp 2, fn 1, fp 1)
+    assert (rec["tp"], rec["fn"], rec["fp"], rec["tn"]) == (2, 1, 1, 2)
+    assert rec["detection_random"] == pytest.approx(2 / 3)
+    # hard: 2 of 3 say 'left' -> TNR 1/3; detection over all negatives: TNR 3/6
+    assert rec["detection_hard"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert rec["detection"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    # fuzzing marks the hard negatives on 'left' itself, so the scorer is fooled there too
+    fuzz = {c["text"]: c for c in rec["fuzzing_results"]}
+    assert fuzz["is it left of the box?"]["marked"] == "is it <<left>> of the box?"
+    assert sum(c["kind"] == "hard" for c in rec["fuzzing_results"]) == 3
+    assert rec["fuzzing_hard"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert rec["fuzzing_random"] == pytest.approx((2 / 3 + 1) / 2)
+
+
 class CountingBackend:
     """A backend double that answers like `oracle` and can be made to stop half-way."""
 

@@ -215,11 +215,11 @@ def f1_score(labels: Sequence[int], predictions: Sequence[int]) -> dict[str, flo
             "f1": f1}
 
 
-def sample_kinds(ev: FeatureEvidence) -> dict[tuple[str, int], str]:
-    """(source, row) -> "positive", "random" or "hard" of each sample scored."""
-    kinds = {(s.source, s.row): "positive" for s in ev.positives}
-    kinds.update({(s.source, s.row): "random" for s in ev.negatives})
-    kinds.update({(s.source, s.row): "hard" for s in ev.hard_negatives})
+def sample_kinds(ev: FeatureEvidence) -> dict[int, str]:
+    """`id` of each sample scored -> "positive", "random" or "hard"."""
+    kinds = {id(s): "positive" for s in ev.positives}
+    kinds.update({id(s): "random" for s in ev.negatives})
+    kinds.update({id(s): "hard" for s in ev.hard_negatives})
     return kinds
 
 
@@ -262,7 +262,7 @@ def _add_usage(record: dict[str, Any], usage: Mapping[str, int]) -> None:
 def _ask_rounds(backend: Backend, record: dict[str, Any], kind: str,
                 chunks: Sequence[Sequence[tuple[Sample, Item]]], description: str, variant: str,
                 folder: Path, attempts: int, step: list[str],
-                kinds: Mapping[tuple[str, int], str]) -> tuple[list[int], list[int]]:
+                kinds: Mapping[int, str]) -> tuple[list[int], list[int]]:
     """One call per round of `kind` ("validation": prompt B on whole samples; "fuzzing":
     prompt C on marked words), calibrated against the content-free description; each answer
     joins the record's results; returns labels and predictions. `step` names the round being
@@ -282,7 +282,7 @@ def _ask_rounds(backend: Backend, record: dict[str, Any], kind: str,
         for (s, item), p in zip(chunk, got, strict=True):
             marked = {"marked": item.text} if fuzz else {}
             results.append({**_sample_ref(s), **marked, "round": r, "label": item.label,
-                            "prediction": int(p), "kind": kinds[s.source, s.row]})
+                            "prediction": int(p), "kind": kinds[id(s)]})
             labels.append(item.label)
             preds.append(int(p))
     return labels, preds
