@@ -151,6 +151,66 @@ def test_dashboards_link_the_base_feature_on_neuronpedia(described):
     assert ("a", link) in parse(root / "dash" / "L0F1.html").refs
 
 
+def test_pages_show_the_distribution_quantiles_hard_negatives_and_set_members(tmp_path):
+    from dataclasses import asdict
+
+    from test_autointerp import _sample
+    from vlmdiff.interp.distribution import activation_histogram
+    from vlmdiff.interp.evidence import EVIDENCE_FILE, read_evidence
+
+    evidence = tmp_path / "evidence"
+    evidence.mkdir()
+    feats = make_evidence(evidence, 2)
+    hist = activation_histogram([0.0] * 6 + [0.5, 1.0, 1.0, 2.0], bins=4)
+    for i, ev in enumerate(feats):
+        ev.histogram = hist
+        ev.quantile_examples = [_sample(evidence, f"L0F{i}q{b}", f"left q{b}", 1, 2.0 - b)
+                                for b in range(2)]
+        for b, s in enumerate(ev.quantile_examples):
+            s.quantile = b
+    feats[0].hard_negatives = [_sample(evidence, "L0F0h0", "is it left of the box?", 0, 0.0)]
+    feats[0].hard_words = ["left"]
+    feats[1].described, feats[1].sets = False, ["spatial", "ocr"]
+    feats[1].positives, feats[1].negatives = [], []
+    (evidence / EVIDENCE_FILE).write_text(json.dumps({"features": [asdict(f) for f in feats]}))
+    assert read_evidence(evidence)[1].quantile_examples[1].quantile == 1
+    outs = {"raw": tmp_path / "raw"}
+    autointerp_job(evidence_dir=evidence, out=outs, cache_dir=tmp_path / "cache",
+                   cfg=openai_cfg("http://x/v1"), seed=0,
+                   make_backend=lambda c, d: CountingBackend(), log=lambda m: None)
+    pd.DataFrame({"layer": [0, 0], "feature": [0, 1], "c_f": [0.9, 0.4]}).to_parquet(
+        tmp_path / "features.parquet")
+    pd.DataFrame(columns=["feature", "top_B"]).to_csv(tmp_path / "heads.csv", index=False)
+    pd.DataFrame(columns=["feature"]).to_csv(tmp_path / "ablation.csv", index=False)
+    out = tmp_path / "dash"
+    pages = build_dashboards(evidence, outs, tmp_path / "features.parquet",
+                             tmp_path / "heads.csv", tmp_path / "ablation.csv", out,
+                             link_report=False)
+    assert sorted(p.name for p in pages) == ["L0F0.html", "L0F1.html"]
+    for page in [out / "index.html", *pages]:
+        assert not missing_references(page), missing_references(page)
+    described, member = (out / "L0F0.html").read_text(), (out / "L0F1.html").read_text()
+    assert "Fires on 4 of 10 D_base samples (firing density 0.400)" in described
+    assert described.count("<rect ") == 4 and "2 to 2: 0" not in described
+    assert "quantile bin 1;" in described and "quantile bin 2;" in described
+    assert "Hard negatives: quiet D_base samples sharing the words it fires on (left)" in described
+    assert ">box?</span>" in described
+    # the undescribed set member: a page with its distribution, no validation sections
+    assert "Not described: a member of the spatial and ocr sets" in member
+    assert "Held-out" not in member and "Hard negatives" not in member
+    assert member.count("<rect ") == 4 and "quantile bin 2;" in member
+    index = (out / "index.html").read_text()
+    assert "not described" in index and "spatial, ocr" in index and "0.400" in index
+    if chromium() is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    failed, broken, _ = page_load_problems((out / "L0F1.html").as_uri())
+    assert not failed and not broken
+    heights = page_values((out / "L0F0.html").as_uri(), [
+        "Array.from(document.querySelectorAll('svg.histogram rect'))"
+        ".map(r => Math.round(r.getBBox().height)).join(',')"])
+    assert heights == ["0,60,120,60"]  # counts 0, 1, 2, 1 (edges 0, .5, 1, 1.5, 2) over 120 px
+
+
 # ------------------------------------------------------------------------- the report
 
 
