@@ -525,6 +525,15 @@ def test_hard_negatives_are_scored_apart_and_kept_out_of_f1(tmp_path, monkeypatc
     assert sum(c["kind"] == "hard" for c in rec["fuzzing_results"]) == 3
     assert rec["fuzzing_hard"] == pytest.approx((2 / 3 + 1 / 3) / 2)
     assert rec["fuzzing_random"] == pytest.approx((2 / 3 + 1) / 2)
+    # the table gives the hard-only scores with intervals; records without hard negatives
+    # (or written before they were) leave them empty
+    table = records_table(recs["raw"])
+    assert table["detection_hard"].iloc[0] == pytest.approx(0.5)
+    assert table["detection_hard_low"].iloc[0] < 0.5 < table["detection_hard_high"].iloc[0]
+    old = {**rec, "classification_results": [
+        {k: v for k, v in c.items() if k != "kind"} for c in rec["classification_results"]]}
+    assert records_table([old])["detection_hard"].isna().all()
+    assert "Detection against hard negatives only" in markdown_table(f1_comparison(table))
 
 
 class CountingBackend:

@@ -20,8 +20,14 @@ from vlmdiff.interp.scoring import (
 )
 from vlmdiff.logs import Log
 
-SCORES = {"detection": "classification_results", "fuzzing": "fuzzing_results"}
-"""delphi's scores, each from the record's answers it is computed on."""
+SCORES = {"detection": ("classification_results", None), "fuzzing": ("fuzzing_results", None),
+          "detection_hard": ("classification_results", ("positive", "hard")),
+          "fuzzing_hard": ("fuzzing_results", ("positive", "hard"))}
+"""delphi's scores, each from the record's answers it is computed on and the kinds of sample
+kept (None: all; the hard ones: the positives against the hard negatives alone)."""
+TITLES = {"detection": "Detection", "fuzzing": "Fuzzing",
+          "detection_hard": "Detection against hard negatives only",
+          "fuzzing_hard": "Fuzzing against hard negatives only"}
 TABLE_COLUMNS = ["feature", "layer", "index", "contrast", "rank", "variant", "status",
                  "description", "f1",
                  *[f"{name}{end}" for name in SCORES for end in ("", "_low", "_high")],
@@ -29,12 +35,18 @@ TABLE_COLUMNS = ["feature", "layer", "index", "contrast", "rank", "variant", "st
                  "prompt_tokens", "completion_tokens", "calls", "error"]
 
 
-def score_with_interval(record: Mapping[str, Any], results: str
+def score_with_interval(record: Mapping[str, Any], results: str,
+                        kinds: Sequence[str] | None = None
                         ) -> tuple[float | None, float | None, float | None]:
     """Class-balanced accuracy of one kind of a record's answers (`classification_results`:
-    detection; `fuzzing_results`: fuzzing) with its 95% bootstrap interval (None where the
-    record has none: not asked, failed, or cached before fuzzing was asked)."""
+    detection; `fuzzing_results`: fuzzing), of the samples of `kinds` only where given, with
+    its 95% bootstrap interval (None where the record has none: not asked, failed, cached
+    before fuzzing was asked, or no negative of those kinds)."""
     answers = record.get(results) or []
+    if kinds is not None:
+        answers = [c for c in answers if c.get("kind") in kinds]
+        if not any(c["label"] == 0 for c in answers):
+            answers = []
     if record.get("status") != "ok" or not answers:
         return None, None, None
     labels = [c["label"] for c in answers]
@@ -50,8 +62,9 @@ def records_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         row = {c: r.get(c) for c in TABLE_COLUMNS}
         row.update(r["usage"])
         row["evidence"] = "; ".join(r["evidence"])
-        for name, results in SCORES.items():
-            row[name], row[f"{name}_low"], row[f"{name}_high"] = score_with_interval(r, results)
+        for name, (results, kinds) in SCORES.items():
+            row[name], row[f"{name}_low"], row[f"{name}_high"] = score_with_interval(
+                r, results, kinds)
         rows.append(row)
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     return table.sort_values(["contrast", "rank", "variant"], kind="stable").reset_index(drop=True)
@@ -97,7 +110,7 @@ def markdown_table(wide: pd.DataFrame) -> str:
         both = wide.dropna(subset=[f"{name}_raw", f"{name}_overlay"])
         raw, overlay = both[f"{name}_raw"], both[f"{name}_overlay"]
         lines.append("")
-        lines.append(f"{name.title()} (class-balanced accuracy, chance 0.5; mean [95% bootstrap "
+        lines.append(f"{TITLES[name]} (class-balanced accuracy, chance 0.5; mean [95% bootstrap "
                      f"interval] over the {len(both)} feature(s) with both): RAW "
                      f"{mean_interval(raw).text()}, OVERLAY {mean_interval(overlay).text()}, "
                      f"OVERLAY - RAW {paired_difference(raw, overlay).text()} (paired).")
