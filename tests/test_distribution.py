@@ -1,6 +1,7 @@
 """A feature's activations over D_base: histogram, quantile examples, hard negatives."""
 
 import numpy as np
+import pandas as pd
 import pytest
 from vlmdiff.interp.distribution import (
     activation_histogram,
@@ -9,6 +10,7 @@ from vlmdiff.interp.distribution import (
     top_words,
     word_marks,
 )
+from vlmdiff.interp.evidence import page_features
 
 
 def test_histogram_counts_firing_samples_and_density():
@@ -58,3 +60,21 @@ def test_hard_negatives_share_words_stay_quiet_and_miss_nearest_first():
 
 def test_word_marks_fall_on_the_shared_words():
     assert word_marks(["Is", "\u0120Left", "of", "left"], {"left"}) == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_page_features_are_the_described_then_every_set_member(tmp_path):
+    table = pd.DataFrame({"layer": [0, 0, 1, 1, 2], "feature": [3, 4, 5, 6, 7],
+                          "spatial_set": [True, True, False, True, False],
+                          "spatial_rank": [2, 1, None, 3, None],
+                          "ocr_set": [False, True, True, False, False],
+                          "ocr_rank": [None, 2, 1, None, None]})
+    table.to_parquet(tmp_path / "features.parquet")
+    described = pd.DataFrame({"layer": [0], "feature": [4], "contrast": ["spatial"],
+                              "rank": [1]})
+    got = page_features(described, tmp_path / "features.parquet", ["spatial", "ocr"], True)
+    assert list(zip(got["layer"], got["feature"], got["contrast"], got["rank"],
+                    got["described"])) == [(0, 4, "spatial", 1, True), (0, 3, "spatial", 2, False),
+                                           (1, 6, "spatial", 3, False), (1, 5, "ocr", 1, False)]
+    assert got["sets"].tolist() == [["spatial", "ocr"], ["spatial"], ["spatial"], ["ocr"]]
+    only = page_features(described, tmp_path / "features.parquet", ["spatial"], False)
+    assert only["feature"].tolist() == [4] and only["sets"].tolist() == [["spatial"]]
