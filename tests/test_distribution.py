@@ -73,7 +73,7 @@ def test_page_features_are_the_described_then_every_set_member(tmp_path):
                               "rank": [1]})
     got = page_features(described, tmp_path / "features.parquet", ["spatial", "ocr"], True)
     assert list(zip(got["layer"], got["feature"], got["contrast"], got["rank"],
-                    got["described"])) == [(0, 4, "spatial", 1, True), (0, 3, "spatial", 2, False),
+                    got["described"], strict=True)) == [(0, 4, "spatial", 1, True), (0, 3, "spatial", 2, False),
                                            (1, 6, "spatial", 3, False), (1, 5, "ocr", 1, False)]
     assert got["sets"].tolist() == [["spatial", "ocr"], ["spatial"], ["spatial"], ["ocr"]]
     only = page_features(described, tmp_path / "features.parquet", ["spatial"], False)

@@ -342,6 +342,42 @@ def test_autointerp_outputs(tiny_run, tiny_config):
     assert (tiny_run / "figures/fig_autointerp_f1.png").stat().st_size > 1000
 
 
+def test_every_set_member_has_a_page_with_its_distribution(tiny_run, tiny_config):
+    from vlmdiff.interp.evidence import read_evidence
+
+    a = tiny_config["autointerp"]
+    features = pd.read_parquet(tiny_run / "tables/features.parquet")
+    member = features[[f"{c}_set" for c in a["contrasts"]]].any(axis=1)
+    labels = {f"L{r.layer}F{r.feature}" for r in features[member].itertuples()}
+    pages = {p.stem for p in (tiny_run / "dashboards").glob("L*F*.html")}
+    assert labels <= pages, sorted(labels - pages)
+    evs = read_evidence(tiny_run / "autointerp/evidence")
+    assert {ev.label for ev in evs} == pages
+    n_val = tiny_config["world"]["sizes"]["val"]
+    for ev in evs:
+        h = ev.histogram
+        assert h["n_samples"] == n_val and sum(h["counts"]) == h["n_firing"]
+        assert len(h["counts"]) == a["pages"]["histogram_bins"]
+        assert h["density"] == pytest.approx(h["n_firing"] / n_val)
+        bins = [s.quantile for s in ev.quantile_examples]
+        assert bins == sorted(bins) and all(0 <= b < a["pages"]["quantile_bins"] for b in bins)
+        assert all(s.activation > 0 for s in ev.quantile_examples)
+        if ev.described:
+            assert len(ev.positives) <= a["holdout"] and len(ev.hard_negatives) <= a[
+                "hard_negatives"]
+            ceiling = a["negative_max_fraction"] * max(
+                s.activation for s in ev.examples + ev.positives + ev.quantile_examples)
+            assert all(s.activation <= ceiling + 1e-3 for s in ev.hard_negatives)
+            taken = {(s.source, s.row) for s in ev.examples + ev.positives + ev.negatives}
+            assert not taken & {(s.source, s.row) for s in ev.hard_negatives}
+        else:
+            assert not ev.positives and not ev.hard_negatives
+        text = (tiny_run / f"dashboards/{ev.label}.html").read_text()
+        assert "firing density" in text and 'class="histogram"' in text
+    table = pd.read_csv(tiny_run / "tables/autointerp.csv")
+    assert {"detection_hard", "detection_hard_low", "fuzzing_hard"} <= set(table.columns)
+
+
 def test_report_and_dashboards_hold_every_figure(root, tiny_run):
     from test_report import image_refs, missing_references
 
