@@ -308,6 +308,8 @@ def _draw(ev: FeatureEvidence, heads: Sequence[tuple[int, int]], model: Any, pro
     from vlmdiff.interp.image_acts import image_token_activations
 
     samples = ev.samples()
+    if not samples:
+        return
     images = [sources.data[s.source][s.row]["image"] for s in samples]
     questions = [sources.question(s.source, s.row) for s in samples]
     grids = None
