@@ -56,6 +56,9 @@ def test_hard_negatives_share_words_stay_quiet_and_miss_nearest_first():
     # row 4 fires (above the ceiling); row 0 is excluded; two shared words beat one
     assert rows == [3, 2, 5, 1]
     assert hard_negative_rows(texts, maxima, {"left"}, 0.1, set(), n=0) == []
+    # too few quiet ones: the rest by shared words, then the quietest
+    loud = np.array([0.5, 0.2, 0.09, 0.3, 5.0, 0.4])
+    assert hard_negative_rows(texts, loud, {"left", "red"}, 0.1, {0}, n=4) == [2, 3, 4, 5]
 
 
 def test_word_marks_fall_on_the_shared_words():

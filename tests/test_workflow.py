@@ -169,7 +169,9 @@ def test_exports_load_in_saelens_and_sparsify(tiny_run, tiny_config):
     gen = torch.Generator().manual_seed(0)
     for regime in ["base", *tiny_config["sae"]["regimes"]]:
         exports = tiny_run / "exports" / regime
-        assert sorted(p.name for p in exports.iterdir()) == ["saelens", "sparsify"]
+        # Snakemake marks a directory() output with a hidden .snakemake_timestamp
+        assert sorted(p.name for p in exports.iterdir() if not p.name.startswith(".")) == [
+            "saelens", "sparsify"]
         for layer in range(tiny_config["lm"]["num_layers"]):
             ours = TopKSAE.load(tiny_run / f"sae/{regime}/layer_{layer}")
             # model-unit activations: mean norm sqrt(d) / s, as the SAE's own data had
@@ -363,11 +365,12 @@ def test_every_set_member_has_a_page_with_its_distribution(tiny_run, tiny_config
         assert bins == sorted(bins) and all(0 <= b < a["pages"]["quantile_bins"] for b in bins)
         assert all(s.activation > 0 for s in ev.quantile_examples)
         if ev.described:
-            assert len(ev.positives) <= a["holdout"] and len(ev.hard_negatives) <= a[
-                "hard_negatives"]
-            ceiling = a["negative_max_fraction"] * max(
-                s.activation for s in ev.examples + ev.positives + ev.quantile_examples)
-            assert all(s.activation <= ceiling + 1e-3 for s in ev.hard_negatives)
+            assert len(ev.positives) <= a["holdout"]
+            # quiet ones where there are (the tiny run's feature fires on every sample: the
+            # quietest then), never as active as its top examples
+            top = max(s.activation for s in ev.examples)
+            assert len(ev.hard_negatives) == a["hard_negatives"]
+            assert all(s.activation < top for s in ev.hard_negatives)
             taken = {(s.source, s.row) for s in ev.examples + ev.positives + ev.negatives}
             assert not taken & {(s.source, s.row) for s in ev.hard_negatives}
         else:
@@ -375,7 +378,10 @@ def test_every_set_member_has_a_page_with_its_distribution(tiny_run, tiny_config
         text = (tiny_run / f"dashboards/{ev.label}.html").read_text()
         assert "firing density" in text and 'class="histogram"' in text
     table = pd.read_csv(tiny_run / "tables/autointerp.csv")
-    assert {"detection_hard", "detection_hard_low", "fuzzing_hard"} <= set(table.columns)
+    ok = table[table["status"] == "ok"]
+    for score in ("detection_hard", "fuzzing_hard"):
+        assert ok[score].between(0, 1).all()
+        assert (ok[f"{score}_low"] <= ok[score] + 1e-9).all()
 
 
 def test_report_and_dashboards_hold_every_figure(root, tiny_run):

@@ -6,7 +6,8 @@ pass ranks top samples), one per D_base row. Hard negatives follow delphi's idea
 that look like positives: D_base samples that share the words the feature fires on in its
 described examples, yet where it stays below the negatives' ceiling; the more of those words a
 sample shares the harder it is, and among equals the nearer miss (higher activation) is harder.
-Where too few samples share a word, the nearest misses fill the rest.
+Where too few samples share a word, the nearest misses fill the rest; where too few stay below
+the ceiling at all, the quietest of the others.
 """
 
 from __future__ import annotations
@@ -74,14 +75,19 @@ def top_words(tokens: Sequence[Sequence[str]], acts: Sequence[Sequence[float]], 
 
 def hard_negative_rows(texts: Sequence[str], maxima: np.ndarray, words: Collection[str],
                        ceiling: float, exclude: Collection[int], n: int) -> list[int]:
-    """`n` rows whose maximum stays at or below `ceiling` (not in `exclude`): those sharing
-    the most of `words` first, then the nearest misses."""
+    """`n` rows (not in `exclude`) whose maximum stays at or below `ceiling`: those sharing
+    the most of `words` first, then the nearest misses. Where too few stay below it (a
+    feature that fires on nearly everything), the quietest of the rest follow, those sharing
+    the most words first, as the random negatives fall back to the quietest drawn."""
     values = np.asarray(maxima, float)
     wanted, skip = set(words), set(exclude)
-    rows = [r for r in range(len(texts)) if values[r] <= ceiling and r not in skip]
+    rows = [r for r in range(len(texts)) if r not in skip]
     shared = {r: len(wanted & text_words(texts[r])) for r in rows}
-    rows.sort(key=lambda r: (-shared[r], -values[r], r))
-    return rows[:max(0, n)]
+    quiet = sorted((r for r in rows if values[r] <= ceiling),
+                   key=lambda r: (-shared[r], -values[r], r))
+    loud = sorted((r for r in rows if values[r] > ceiling),
+                  key=lambda r: (-shared[r], values[r], r))
+    return (quiet + loud)[:max(0, n)]
 
 
 def word_marks(tokens: Sequence[str], words: Collection[str]) -> list[float]:
