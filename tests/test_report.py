@@ -193,7 +193,8 @@ def test_pages_show_the_distribution_quantiles_hard_negatives_and_set_members(tm
     assert "Fires on 4 of 10 D_base samples (firing density 0.400)" in described
     assert described.count("<rect ") == 4 and "2 to 2: 0" not in described
     assert "quantile bin 1;" in described and "quantile bin 2;" in described
-    assert "Hard negatives: quiet D_base samples sharing the words it fires on (left)" in described
+    assert "Hard negatives: the quietest D_base samples sharing the words it fires on (left)" in (
+        described)
     assert ">box?</span>" in described
     # the undescribed set member: a page with its distribution, no validation sections
     assert "Not described: a member of the spatial and ocr sets" in member

@@ -54,7 +54,7 @@ PAGE = jinja2.Template("""<!DOCTYPE html>
 
 <h2>Descriptions (auto-interp)</h2>
 {% if not ev.described %}<p class="muted">Not described: a member of the {{ ev.sets|join(" and ") }} set{{ "s" if ev.sets|length > 1 }} outside the described ones (autointerp.max_features per contrast, best rank first).</p>{% else %}
-<table><tr><th>variant</th><th>status</th><th>description</th><th>F1</th><th>detection</th>
+<div style="overflow-x: auto"><table><tr><th>variant</th><th>status</th><th>description</th><th>F1</th><th>detection</th>
 <th>fuzzing</th><th>detection / fuzzing (random negatives)</th><th>detection / fuzzing (hard negatives)</th><th>precision</th>
 <th>recall</th><th>model</th><th>evidence seen</th><th>tokens (prompt / completion)</th></tr>
 {% for v, r in records.items() %}<tr><td>{{ v|upper }}</td>
@@ -64,7 +64,7 @@ PAGE = jinja2.Template("""<!DOCTYPE html>
 <td>{{ fmt(r.detection_hard) }} / {{ fmt(r.fuzzing_hard) }}</td><td>{{ fmt(r.precision) }}</td>
 <td>{{ fmt(r.recall) }}</td><td>{{ r.model }}</td><td>{{ r.evidence|join(", ") }}</td>
 <td>{{ r.usage.prompt_tokens }} / {{ r.usage.completion_tokens }}</td></tr>{% endfor %}
-</table>
+</table></div>
 <p class="muted">F1 scores the held-out positives against the random negatives; detection and fuzzing (class-balanced accuracy, chance 0.5) against random and hard negatives together, and apart.</p>{% endif %}
 
 <h2>Statistics</h2>
@@ -176,8 +176,10 @@ def sample_groups(ev: FeatureEvidence) -> list[tuple[str, list[Sample]]]:
         words = ", ".join(ev.hard_words) or "none"
         groups += [("Held-out top-activating samples (validation positives)", ev.positives),
                    ("Random D_base samples (validation negatives)", ev.negatives),
-                   (f"Hard negatives: quiet D_base samples sharing the words it fires on "
-                    f"({words})", ev.hard_negatives)]
+                   (f"Hard negatives: the quietest D_base samples sharing the words it fires "
+                    f"on ({words}), under autointerp.negative_max_fraction of its top activation "
+                    f"where there are such",
+                    ev.hard_negatives)]
     return groups
 
 
