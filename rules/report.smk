@@ -54,8 +54,9 @@ rule autointerp_evidence:
 
 
 rule autointerp:
-    """Description (prompt A) and two validation rounds (prompt B) per feature and variant;
-    one JSON per feature and a summary (F1, token usage) per variant."""
+    """Description (prompt A), validation rounds (prompt B) and fuzzing rounds (prompt C) per
+    described feature and variant; one JSON per feature and a summary (F1, detection, fuzzing,
+    token usage) per variant."""
     input:
         evidence=f"{R}/autointerp/evidence",
     output:
@@ -109,8 +110,9 @@ rule autointerp_table:
 
 
 rule dashboards:
-    """One static HTML page per described feature (statistics, samples with token shading,
-    heat maps, top heads, ablation row, descriptions and F1) and an index."""
+    """One static HTML page per described feature and spatial or OCR set member (statistics,
+    activation histogram, logit effects, samples across quantiles with token shading, heat
+    maps, top heads, ablation row, descriptions and scores) and an index."""
     input:
         **autointerp_dirs(),
         evidence=f"{R}/autointerp/evidence",
