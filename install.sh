@@ -2,7 +2,9 @@
 # Installs vlmdiff, and everything its default DAG needs, into the active Python environment.
 #
 #   bash install.sh         the workflow (what `snakemake --cores all` needs, auto-interp included)
-#   bash install.sh test    the same plus the test and lint tools, and Chromium for the page checks
+#   bash install.sh test    the same plus the test and lint tools, SAELens and sparsify (the
+#                           `interop` extra: the tests load the SAE exports with both), and
+#                           Chromium for the page checks
 #
 # The README's commands and CI (.ci/run) both call this script, so the two cannot drift.
 set -euo pipefail

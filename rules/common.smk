@@ -86,6 +86,29 @@ def regime_sae_dirs(wildcards):
     return expand(f"{R}/sae/{wildcards.regime}/layer_{{layer}}", layer=LAYERS)
 
 
+# Exports: every SAE (base and each regime) in SAELens's and sparsify's formats
+EXPORT = config["sae"]["export"]
+EXPORTS = expand(f"{R}/exports/{{regime}}", regime=["base", *REGIMES])
+if EXPORT["jumprelu"] and TRAIN_SAES:
+    raise WorkflowError(
+        "invalid config: sae.export.jumprelu needs source.saes: llama_scope "
+        "(only a Llama-Scope release has a JumpReLU of its own)"
+    )
+
+
+def export_jumprelu(wildcards):
+    """The release's JumpReLU beside the TopK export: imported base layers only."""
+    return EXPORT["jumprelu"] and wildcards.regime == "base"
+
+
+def export_model_name(wildcards):
+    """The model whose activations the SAE reads, as SAELens's metadata names it (none for an
+    imported release's base SAEs: the release's own model is not one of the run's folders)."""
+    if wildcards.regime != "base":
+        return f"{R}/models/vlm_stage2"
+    return f"{R}/models/lm" if TRAIN_MODELS or SOURCE["lm"] else None
+
+
 # Stages 2-3: features
 FEATURE_REGIME = config["features"]["regime"]
 FEATURE_SPLITS = ["val", "spatial", "ocr"]  # D_base, D_sp, D_ocr
@@ -159,6 +182,7 @@ def all_targets():
         f"{R}/figures/fig5_decoder_cosine.png",
         f"{R}/figures/fig6_fvu_per_layer.png",
         f"{R}/tables/sae_adaptation.csv",
+        *EXPORTS,
         *feature_targets(),
         *causal_targets(),
         *report_targets(),
@@ -237,6 +261,15 @@ AUTOINTERP_FIGURES = {"fig_autointerp": "fig_autointerp_f1"}
 # `autointerp.backend: none` runs the DAG without auto-interp: evidence and dashboards only
 AUTOINTERP_ON = backend_kind(AUTOINTERP) != "none"
 REPORT_HTML = f"{R}/report.html"
+
+
+def neuronpedia_url(wildcards):
+    """The feature pages' link to the base SAE's feature on Neuronpedia (imported releases it
+    hosts), `{layer}` and `{index}` left for the pages to fill; a function, since a params
+    string's braces would be read as wildcards."""
+    if TRAIN_SAES or not SOURCE["neuronpedia"]:
+        return None
+    return f"https://www.neuronpedia.org/{SOURCE['neuronpedia']}"
 
 
 def check_autointerp_backend(cfg):

@@ -6,7 +6,9 @@
 
 rule autointerp_evidence:
     """Each feature's top samples (VQA, VQA-spatial, VSR, deduplicated), held-out positives,
-    random negatives: pictures, prompt-token activations, top-head heat maps."""
+    random and hard negatives: pictures, prompt-token activations, top-head heat maps; for
+    every feature with a page (every spatial and OCR set member) its activation histogram over
+    D_base, examples across activation quantiles and logit effects."""
     input:
         vlm=f"{R}/models/vlm_stage2",
         val=world_file("val"),
@@ -14,6 +16,7 @@ rule autointerp_evidence:
         vsr=world_file("vsr"),
         stats=FEATURE_STATS,
         selected=f"{R}/tables/selected_features.parquet",
+        features=f"{R}/tables/features.parquet",
         saes=FEATURE_SAES,
         scores=f"{R}/causal/attribution.nc",
     output:
@@ -35,9 +38,12 @@ rule autointerp_evidence:
         max_features=AUTOINTERP["max_features"],
         k=AUTOINTERP["k"],
         holdout=AUTOINTERP["holdout"],
+        quantiles=AUTOINTERP["quantiles"],
         negatives=AUTOINTERP["negatives"],
+        hard_negatives=AUTOINTERP["hard_negatives"],
         negative_max_fraction=AUTOINTERP["negative_max_fraction"],
         n_heads=AUTOINTERP["n_heads"],
+        pages=AUTOINTERP["pages"],
         variant=CAUSAL["attribution"]["variant"],
         template=vsr_template,
         batch_size=AUTOINTERP["batch_size"],
@@ -48,8 +54,9 @@ rule autointerp_evidence:
 
 
 rule autointerp:
-    """Description (prompt A) and two validation rounds (prompt B) per feature and variant;
-    one JSON per feature and a summary (F1, token usage) per variant."""
+    """Description (prompt A), validation rounds (prompt B) and fuzzing rounds (prompt C) per
+    described feature and variant; one JSON per feature and a summary (F1, detection, fuzzing,
+    token usage) per variant."""
     input:
         evidence=f"{R}/autointerp/evidence",
     output:
@@ -103,8 +110,9 @@ rule autointerp_table:
 
 
 rule dashboards:
-    """One static HTML page per described feature (statistics, samples with token shading,
-    heat maps, top heads, ablation row, descriptions and F1) and an index."""
+    """One static HTML page per described feature and spatial or OCR set member (statistics,
+    activation histogram, logit effects, samples across quantiles with token shading, heat
+    maps, top heads, ablation row, descriptions and scores) and an index."""
     input:
         **autointerp_dirs(),
         evidence=f"{R}/autointerp/evidence",
@@ -128,6 +136,8 @@ rule dashboards:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        neuronpedia=neuronpedia_url,
     script:
         "../workflow_scripts/dashboards.py"
 

@@ -95,6 +95,34 @@ rule adapt_sae:
         "../workflow_scripts/adapt_sae.py"
 
 
+rule export_saes:
+    """Every layer's SAE of one regime (base included) in SAELens's and sparsify's on-disk
+    formats, the input scale folded into the weights; with sae.export.jumprelu, the imported
+    Llama-Scope layers also with the release's own JumpReLU."""
+    input:
+        saes=regime_sae_dirs,
+    output:
+        exports=directory(f"{R}/exports/{{regime}}"),
+    log:
+        f"{LOGS}/exports/{{regime}}.log",
+    benchmark:
+        f"{BENCH}/exports/{{regime}}.tsv"
+    wildcard_constraints:
+        regime="base|full|image|text|random",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=6000,
+        runtime=30,
+    params:
+        layers=LAYERS,
+        jumprelu=export_jumprelu,
+        model_name=export_model_name,
+    script:
+        "../workflow_scripts/export_saes.py"
+
+
 rule splice_baseline:
     """Clean and zero-ablated CE per layer on the splice sample, shared by every regime."""
     input:

@@ -24,6 +24,21 @@ def chromium():
 
 def page_load_problems(url, timeout=60.0):
     """(failed requests, broken images, number of requests) of loading `url` headless."""
+    events, (broken,) = _load(url, [BROKEN_IMAGES], timeout)
+    urls = {e["params"]["requestId"]: e["params"]["request"]["url"] for e in events
+            if e.get("method") == "Network.requestWillBeSent"}
+    failed = [f"{urls.get(e['params']['requestId'], '?')}: {e['params']['errorText']}"
+              for e in events if e.get("method") == "Network.loadingFailed"]
+    return failed, broken, len(urls)
+
+
+def page_values(url, expressions, timeout=60.0):
+    """The values of JavaScript `expressions`, evaluated in turn once `url` has loaded."""
+    return _load(url, expressions, timeout)[1]
+
+
+def _load(url, expressions, timeout):
+    """(DevTools events, values of `expressions`) of loading `url` headless."""
     to_child, from_parent = os.pipe()
     to_parent, from_child = os.pipe()
 
@@ -79,8 +94,12 @@ def page_load_problems(url, timeout=60.0):
                 read_until(lambda m, i=i: m.get("id") == i)
             send("Page.navigate", {"url": url}, session)
             read_until(lambda m: m.get("method") == "Page.loadEventFired")
-            i = send("Runtime.evaluate", {"expression": BROKEN_IMAGES, "returnByValue": True}, session)
-            broken = read_until(lambda m, i=i: m.get("id") == i)["result"]["result"]["value"]
+            values = []
+            for expression in expressions:
+                i = send("Runtime.evaluate", {"expression": expression, "returnByValue": True},
+                         session)
+                values.append(read_until(lambda m, i=i: m.get("id") == i)
+                              ["result"]["result"].get("value"))
             send("Browser.close")
         finally:
             try:
@@ -89,8 +108,4 @@ def page_load_problems(url, timeout=60.0):
                 proc.kill()
             os.close(from_parent)
             os.close(to_parent)
-    urls = {e["params"]["requestId"]: e["params"]["request"]["url"] for e in events
-            if e.get("method") == "Network.requestWillBeSent"}
-    failed = [f"{urls.get(e['params']['requestId'], '?')}: {e['params']['errorText']}"
-              for e in events if e.get("method") == "Network.loadingFailed"]
-    return failed, broken, len(urls)
+    return events, values

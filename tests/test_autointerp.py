@@ -14,14 +14,12 @@ import pytest
 from PIL import Image
 from vlmdiff.interp.autointerp import (
     autointerp_job,
-    f1_comparison,
     f1_score,
     interpret,
-    markdown_table,
     read_records,
-    records_table,
     validation_rounds,
 )
+from vlmdiff.interp.autointerp_table import f1_comparison, markdown_table, records_table
 from vlmdiff.interp.backends import (
     BackendError,
     Expect,
@@ -39,11 +37,11 @@ from vlmdiff.interp.evidence import (
     EVIDENCE_FILE,
     FeatureEvidence,
     Sample,
-    attention_shares,
+    holdout_positives,
     interleave,
     read_evidence,
-    scene_text,
 )
+from vlmdiff.interp.pictures import attention_shares, scene_text
 
 # ------------------------------------------------------------------------- a scripted server
 
@@ -121,6 +119,9 @@ def oracle(body):
         return json.dumps({"description": "this neuron activates for objects left of others"})
     assert not re.search(r"Sample \d+ \(", text)  # the source is not shown for validation
     quoted = re.findall(r'Sample \d+: "([^"]*)"', text)
+    if "marked" in system:  # fuzzing: 1 where a marked span holds 'left'
+        return json.dumps({"classifications": [int(bool(re.search(r"<<[^>]*left", q)))
+                                               for q in quoted]})
     return json.dumps({"classifications": [int("left" in q) for q in quoted]})
 
 
@@ -149,6 +150,9 @@ def _sample(folder, name, text, label, act, overlay=True):
     s = Sample("VQA", len(name), text, act, label, image=f"img/{name}.png",
                scene="the red circle (top left)", tokens=text.split(),
                token_acts=[act if w == "left" else 0.0 for w in text.split()])
+    (folder / "acts").mkdir(exist_ok=True)
+    img.save(folder / f"acts/{name}.png")
+    s.activation_overlay = f"acts/{name}.png"
     if overlay:
         (folder / "overlay").mkdir(exist_ok=True)
         img.save(folder / f"overlay/{name}.png")
@@ -170,7 +174,8 @@ def make_evidence(folder, n_features=3, heads=True):
                _sample(folder, f"{label}n1", "how many shapes are there?", 0, 0.0),
                _sample(folder, f"{label}n2", "what letter is on the left shape?", 0, 0.0)]
         feats.append(FeatureEvidence(label, 0, i, "spatial", i + 1, ["L0H1"] if heads else [],
-                                     ex, pos, neg))
+                                     ex, pos, neg, {"promoted": [["left", 1.5], ["of", 0.25]],
+                                                    "suppressed": [["right", -0.7]]}))
     (folder / EVIDENCE_FILE).write_text(json.dumps({"features": [asdict(f) for f in feats]}))
     return feats
 
@@ -210,6 +215,18 @@ def test_interleave_dedupes_across_sources():
     assert interleave(ranked, 5) == [("VQA", 5), ("VQA-spatial", 1), ("VSR", 9), ("VQA", 6),
                                      ("VSR", 8)]
     assert len(interleave(ranked, 100)) == 6  # a appears once
+
+
+def test_holdout_positives_top_or_across_quantiles():
+    cands = [Sample("VQA", r, f"q{r}", 10.0 - r, 1) for r in range(12)]  # strongest first
+    rng = np.random.default_rng(0)
+    assert [s.row for s in holdout_positives(cands, 4, 1, rng)] == [0, 1, 2, 3]  # as before
+    picked = holdout_positives(cands, 4, 2, rng)
+    # 2 from the top half (rows 0-5) and 2 from the bottom half (rows 6-11)
+    assert len(picked) == 4
+    assert sum(s.row < 6 for s in picked) == 2 and sum(s.row >= 6 for s in picked) == 2
+    # more slices than positives asked: one from each of `n` slices
+    assert len(holdout_positives(cands, 2, 5, rng)) == 2
 
 
 def test_scene_words_and_attention_shares():
@@ -422,8 +439,8 @@ def test_openai_job_f1_images_and_tokens(tmp_path, monkeypatch):
                               cfg=openai_cfg(srv.url), seed=0, log=lambda m: None)
         headers_ok = all(r["model"] == "test-model" for r in srv.requests)
     assert headers_ok
-    # 2 features x 2 variants x (1 description + 2 rounds) + the retried 429
-    assert len(srv.requests) == 2 * 2 * 3 + 1
+    # 2 features x 2 variants x (1 description + 2 validation + 2 fuzzing rounds) + the 429
+    assert len(srv.requests) == 2 * 2 * 5 + 1
     for variant in ("raw", "overlay"):
         for rec in recs[variant]:
             assert rec["status"] == "ok", rec["error"]
@@ -433,12 +450,21 @@ def test_openai_job_f1_images_and_tokens(tmp_path, monkeypatch):
             assert rec["f1"] == pytest.approx(2 / 3)
             assert len(rec["classification_results"]) == 6
             assert {c["round"] for c in rec["classification_results"]} == {1, 2}
-            assert rec["usage"] == {"prompt_tokens": 30, "completion_tokens": 15, "calls": 3}
+            assert rec["detection"] == pytest.approx(2 / 3)  # (TPR 2/3 + TNR 2/3) / 2
+            # fuzzing marks the negative that says 'left' elsewhere ('what letter is on the
+            # left shape?') where a positive fired, not on 'left': tp 2, fn 1, tn 3
+            fuzz = {c["text"]: c for c in rec["fuzzing_results"]}
+            assert fuzz["what is left of the square?"]["marked"] == (
+                "what is <<left>> of the square?")
+            assert "<<left>>" not in fuzz["what letter is on the left shape?"]["marked"]
+            assert rec["fuzzing"] == pytest.approx((2 / 3 + 1) / 2)
+            assert rec["usage"] == {"prompt_tokens": 50, "completion_tokens": 25, "calls": 5}
         on_disk = read_records(outs[variant])
         assert [r["feature"] for r in on_disk] == ["L0F0", "L0F1"]
         summary = json.loads((outs[variant] / "summary.json").read_text())
-        assert summary["usage_this_run"]["prompt_tokens"] == 60
+        assert summary["usage_this_run"]["prompt_tokens"] == 100
         assert summary["mean_f1"] == pytest.approx(2 / 3)
+        assert summary["mean_fuzzing"] == pytest.approx(5 / 6)
     # images go as base64 data URLs; OVERLAY adds the heat maps
     def n_images(body):
         return sum(p["type"] == "image_url" for p in body["messages"][1]["content"])
@@ -452,6 +478,62 @@ def test_openai_job_f1_images_and_tokens(tmp_path, monkeypatch):
     wide = f1_comparison(table)
     assert list(wide["f1_raw"]) == pytest.approx([2 / 3, 2 / 3])
     assert "Mean F1 over 2 feature(s)" in markdown_table(wide)
+    # detection and fuzzing as delphi scores them, each with an interval around it
+    assert list(table["detection"]) == pytest.approx([2 / 3] * 4)
+    assert list(table["fuzzing"]) == pytest.approx([5 / 6] * 4)
+    assert (table["detection_low"] < 2 / 3).all() and (table["detection_high"] > 2 / 3).all()
+    assert (table["fuzzing_low"] < 5 / 6).all() and (table["fuzzing_high"] == 1).all()
+    md = markdown_table(wide)
+    assert "Detection (class-balanced accuracy" in md and "RAW 0.67 [0.67, 0.67]" in md
+    assert "Fuzzing (class-balanced accuracy" in md and "RAW 0.83 [0.83, 0.83]" in md
+    assert md.count("OVERLAY - RAW 0.00 [0.00, 0.00] (paired)") == 2
+
+
+def test_hard_negatives_are_scored_apart_and_kept_out_of_f1(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMDIFF_TEST_KEY", "secret")
+    evidence = tmp_path / "evidence"
+    evidence.mkdir()
+    feats = make_evidence(evidence, 2)
+    ev = feats[0]
+    # two quiet samples that say 'left' (the word it fires on) and one that does not
+    ev.hard_negatives = [_sample(evidence, "L0F0h0", "is it left of the box?", 0, 0.0),
+                         _sample(evidence, "L0F0h1", "the left one is blue?", 0, 0.0),
+                         _sample(evidence, "L0F0h2", "what shape is it?", 0, 0.0)]
+    for i, s in enumerate(ev.hard_negatives):
+        s.row = 100 + i
+    ev.hard_words = ["left"]
+    feats[1].described = False  # a set member with a page but no description
+    (evidence / EVIDENCE_FILE).write_text(json.dumps({"features": [asdict(f) for f in feats]}))
+    assert read_evidence(evidence)[0].hard_negatives[1].text == "the left one is blue?"
+    with ScriptedServer(default=oracle) as srv:
+        recs = autointerp_job(evidence_dir=evidence, out={"raw": tmp_path / "raw"},
+                              cache_dir=tmp_path / "cache", cfg=openai_cfg(srv.url), seed=0,
+                              log=lambda m: None)
+    (rec,) = recs["raw"]  # the undescribed feature is not asked
+    assert rec["feature"] == "L0F0" and rec["status"] == "ok"
+    kinds = [c["kind"] for c in rec["classification_results"]]
+    assert sorted(kinds) == ["hard"] * 3 + ["positive"] * 3 + ["random"] * 3
+    # F1 as before: positives against random negatives (tp 2, fn 1, fp 1)
+    assert (rec["tp"], rec["fn"], rec["fp"], rec["tn"]) == (2, 1, 1, 2)
+    assert rec["detection_random"] == pytest.approx(2 / 3)
+    # hard: 2 of 3 say 'left' -> TNR 1/3; detection over all negatives: TNR 3/6
+    assert rec["detection_hard"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert rec["detection"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    # fuzzing marks the hard negatives on 'left' itself, so the scorer is fooled there too
+    fuzz = {c["text"]: c for c in rec["fuzzing_results"]}
+    assert fuzz["is it left of the box?"]["marked"] == "is it <<left>> of the box?"
+    assert sum(c["kind"] == "hard" for c in rec["fuzzing_results"]) == 3
+    assert rec["fuzzing_hard"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert rec["fuzzing_random"] == pytest.approx((2 / 3 + 1) / 2)
+    # the table gives the hard-only scores with intervals; records without hard negatives
+    # (or written before they were) leave them empty
+    table = records_table(recs["raw"])
+    assert table["detection_hard"].iloc[0] == pytest.approx(0.5)
+    assert table["detection_hard_low"].iloc[0] < 0.5 < table["detection_hard_high"].iloc[0]
+    old = {**rec, "classification_results": [
+        {k: v for k, v in c.items() if k != "kind"} for c in rec["classification_results"]]}
+    assert records_table([old])["detection_hard"].isna().all()
+    assert "Detection against hard negatives only" in markdown_table(f1_comparison(table))
 
 
 class CountingBackend:
@@ -475,7 +557,7 @@ def test_interrupted_run_resumes_and_finished_features_are_not_asked_again(tmp_p
     make_evidence(evidence, 3, heads=False)
     outs = {"raw": tmp_path / "raw", "overlay": tmp_path / "overlay"}
     cfg = openai_cfg("http://127.0.0.1:9/v1")
-    first = CountingBackend(stop_after=7)  # 2 features done (3 calls each), the third cut off
+    first = CountingBackend(stop_after=11)  # 2 features done (5 calls each), the third cut off
     with pytest.raises(KeyboardInterrupt):
         autointerp_job(evidence_dir=evidence, out=outs, cache_dir=tmp_path / "cache", cfg=cfg,
                        seed=0, make_backend=lambda c, d: first, log=lambda m: None)
@@ -485,7 +567,7 @@ def test_interrupted_run_resumes_and_finished_features_are_not_asked_again(tmp_p
     second = CountingBackend()
     recs = autointerp_job(evidence_dir=evidence, out=outs, cache_dir=tmp_path / "cache", cfg=cfg,
                           seed=0, make_backend=lambda c, d: second, log=lambda m: None)
-    assert second.calls == 3  # only the unfinished feature (OVERLAY has no heads: skipped)
+    assert second.calls == 5  # only the unfinished feature (OVERLAY has no heads: skipped)
     assert [r["cached"] for r in recs["raw"]] == [True, True, False]
     assert all(r["status"] == "skipped" for r in recs["overlay"])
     assert all(r["f1"] == pytest.approx(2 / 3) for r in recs["raw"])
@@ -497,7 +579,7 @@ def test_interrupted_run_resumes_and_finished_features_are_not_asked_again(tmp_p
                            seed=0, make_backend=refuse, log=lambda m: None)
     assert all(r["cached"] for r in again["raw"])
     assert json.loads((outs["raw"] / "summary.json").read_text())["usage_all_records"] == {
-        "prompt_tokens": 3 * 3 * 7, "completion_tokens": 3 * 3 * 3, "calls": 9}
+        "prompt_tokens": 3 * 5 * 7, "completion_tokens": 3 * 5 * 3, "calls": 3 * 5}
 
 
 def test_failed_features_are_not_cached(tmp_path):
@@ -522,7 +604,7 @@ def test_failed_features_are_not_cached(tmp_path):
 
 
 def test_heat_overlay_colours_where_attention_is():
-    from vlmdiff.interp.evidence import IMAGE_PX, heat_overlay, picture
+    from vlmdiff.interp.pictures import IMAGE_PX, heat_overlay, picture
 
     img = Image.new("RGB", (32, 32), (238, 238, 232))
     grid = np.zeros((4, 4), np.float32)
@@ -555,4 +637,4 @@ def test_openai_requests_in_flight_are_bounded(tmp_path):
                               cache_dir=tmp_path / "cache", cfg=openai_cfg(srv.url, concurrency=2),
                               seed=0, log=lambda m: None)
     assert all(r["status"] == "ok" for r in recs["raw"])
-    assert len(srv.requests) == 9 and state["peak"] == 2  # 3 features in parallel, at most 2
+    assert len(srv.requests) == 15 and state["peak"] == 2  # 3 features in parallel, at most 2

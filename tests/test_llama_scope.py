@@ -61,11 +61,15 @@ def write_release(
 def release_forward(
     hp: dict[str, Any], t: dict[str, torch.Tensor], x: torch.Tensor, threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The release's definition, token by token: (h_s, codes f, reconstruction in model units)."""
+    """The release's definition, token by token: (h_s, codes f, reconstruction in model units).
+
+    Latents pass the JumpReLU where `release_gate` says so (all with a ReLU when threshold=0).
+    """
     d = hp["d_model"]
     s_in = math.sqrt(d) / hp["dataset_average_activation_norm"]["in"]
     s_out = math.sqrt(d) / hp["dataset_average_activation_norm"]["out"]
     col = t["decoder.weight"].double().norm(dim=0)
+    keep = release_gate(hp, t, x, threshold) if threshold > 0 else None
     h_s = torch.zeros(x.shape[0], hp["d_sae"], dtype=torch.float64)
     codes = torch.zeros_like(h_s)
     out = torch.zeros(x.shape[0], d, dtype=torch.float64)
@@ -76,11 +80,27 @@ def release_forward(
         for i in range(hp["d_sae"]):
             h = float(t["encoder.weight"][i].double() @ xin + t["encoder.bias"][i])
             h_s[n, i] = h * col[i]
-            if h_s[n, i] > threshold:
+            if (h_s[n, i] > 0) if keep is None else bool(keep[n, i]):
                 codes[n, i] = h_s[n, i] / col[i]
         y = t["decoder.weight"].double() @ codes[n] + t["decoder.bias"].double()
         out[n] = y / s_out
     return h_s, codes, out
+
+
+def release_gate(
+    hp: dict[str, Any], t: dict[str, torch.Tensor], x: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """The release's JumpReLU mask at inference, step by step as its code takes them: the
+    dataset norms folded into the weights (encoder bias / s_in, decoder weight * s_in / s_out),
+    then raw activations encoded and scored with the folded decoder's column norms."""
+    assert not hp["apply_decoder_bias_to_pre_encoder"]
+    d = hp["d_model"]
+    s_in = math.sqrt(d) / hp["dataset_average_activation_norm"]["in"]
+    s_out = math.sqrt(d) / hp["dataset_average_activation_norm"]["out"]
+    b_enc = t["encoder.bias"].double() / s_in
+    w_dec = t["decoder.weight"].double() * s_in / s_out
+    hidden = x.double() @ t["encoder.weight"].double().T + b_enc
+    return hidden * w_dec.norm(dim=0) > threshold
 
 
 def inputs(n: int = 10, seed: int = 1) -> torch.Tensor:
@@ -107,20 +127,28 @@ def test_keep_all_latents_matches_release_without_threshold(tmp_path, apply_b_de
 
 
 @torch.no_grad()
-def test_release_threshold_in_our_units_reproduces_jumprelu(tmp_path):
-    folder, hp, t = write_release(tmp_path)
+@pytest.mark.parametrize("n_out", [N_OUT, N_IN])
+def test_release_threshold_in_our_units_reproduces_jumprelu(tmp_path, n_out):
+    folder, hp, t = write_release(tmp_path, n_out=n_out)
     sae = load_llama_scope(folder, LAYER, k=D_SAE)
-    x = inputs()
+    x = inputs(200)
     h_s, codes, expected = release_forward(hp, t, x, threshold=THRESHOLD)
-    # The threshold removes some latents that the ReLU alone would keep.
-    assert int(((h_s > 0) & (h_s <= THRESHOLD)).sum()) > 0
+    # The threshold removes some latents that the ReLU alone would keep, and keeps some.
+    assert int(((h_s > 0) & (codes == 0)).sum()) > 0
+    assert int((codes > 0).sum()) > 0
 
+    stored = sae.extra["release_jump_relu_threshold"]
+    s_in = math.sqrt(D_MODEL) / N_IN
+    assert stored == pytest.approx(s_in * THRESHOLD)
     pre = sae.encode(x).pre_acts
-    gated = pre * (pre > sae.extra["release_jump_relu_threshold"])
+    gated = pre * (pre > stored)
     got = (gated @ sae.W_dec.T + sae.b_dec) / sae.norm_factor
-    assert torch.equal(gated > 0, codes > 0)
+    assert torch.equal(gated > 0, codes > 0)  # the release's active set, on every token
     assert torch.allclose(got.double(), expected, atol=1e-4, rtol=1e-4)
-    assert sae.extra["release_jump_relu_threshold"] == pytest.approx(THRESHOLD * N_OUT / N_IN)
+
+    # The check can fail: the gate the folder used to store (r * t) keeps other latents.
+    r = n_out / N_IN
+    assert not torch.equal(pre > r * THRESHOLD, codes > 0)
 
 
 @torch.no_grad()

@@ -89,6 +89,7 @@ def test_paper_dag_plans_on_fixtures(root, fixtures, tmp_path):
     # VLM caches only: 4 splits x 2 shards; adaptation per layer and regime
     assert jobs["cache_activations"] == 4 * 2
     assert jobs["adapt_sae"] == N_LAYERS * 4
+    assert jobs["export_saes"] == 1 + 4  # base and every regime
     for rule in ("feature_stats", "select_features", "attribution", "ablation", "steering"):
         assert jobs[rule] >= 1
 
@@ -149,6 +150,38 @@ def test_import_rules_and_a_cache_shard_run(root, fixtures, tmp_path):
     assert n_samples == 12 and int(is_image.sum()) == 4 * n_samples  # 4 image tokens each
     sae = load_llama_scope(R / "sae/base/layer_1", 1, k=50)
     assert sae.k == 50 and sae.d_model == D_MODEL
+
+
+def test_base_exports_carry_the_release_jumprelu(root, fixtures, tmp_path):
+    """exports/base with sae.export.jumprelu: SAELens's own jumprelu keeps the release's active
+    set; the TopK exports beside it are the paper's k=50 SAE."""
+    import torch
+    from sae_lens import SAE
+    from safetensors.torch import load_file
+    from sparsify import SparseCoder
+    from test_llama_scope import release_gate
+
+    jumprelu = tmp_path / "jumprelu.yaml"
+    jumprelu.write_text(yaml.safe_dump({"sae": {"export": {"jumprelu": True}}}))
+    configs = [root / "presets/paper.yaml", overlay(fixtures, tmp_path), jumprelu]
+    proc = snakemake(root, tmp_path, "results/paper/exports/base", configfiles=configs)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    exports = tmp_path / "results/paper/exports/base"
+    gen = torch.Generator().manual_seed(0)
+    for layer in range(N_LAYERS):
+        release = fixtures / "llama_scope" / f"Llama3_1-8B-Base-L{layer}R-8x"
+        hp = json.loads((release / "hyperparams.json").read_text())
+        tensors = load_file(str(release / "checkpoints/final.safetensors"))
+        x = torch.randn(100, D_MODEL, generator=gen) * 3.0 / D_MODEL**0.5
+        keep = release_gate(hp, tensors, x, hp["jump_relu_threshold"])
+        hook = f"blocks.{layer}.hook_resid_post"
+        sae = SAE.load_from_disk(str(exports / "saelens_jumprelu" / hook))
+        with torch.no_grad():
+            acts = sae.encode(x)
+        assert 0 < int(keep.sum()) < keep.numel()
+        assert torch.equal(acts > 0, keep)
+        assert SAE.load_from_disk(str(exports / "saelens" / hook)).cfg.k == 50
+        assert SparseCoder.load_from_disk(exports / "sparsify" / f"layers.{layer}").cfg.k == 50
 
 
 def test_source_problems_name_impossible_combinations(tmp_path):

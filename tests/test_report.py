@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from browser import chromium, page_load_problems
+from browser import chromium, page_load_problems, page_values
 from PIL import Image
 from test_autointerp import CountingBackend, make_evidence, openai_cfg
 from vlmdiff.interp.autointerp import autointerp_job
@@ -87,12 +87,15 @@ def test_dashboards_pages_and_pictures(described):
                              root / "heads.csv", root / "ablation.csv", out, link_report=False)
     assert sorted(p.name for p in pages) == ["L0F0.html", "L0F1.html"]
     index = out / "index.html"
-    assert [r for k, r in parse(index).refs if k == "a"] == ["L0F0.html", "L0F1.html"]
+    assert [r for k, r in parse(index).refs if k == "a"] == [
+        "features.html", "L0F0.html", "L0F1.html"]
     for page in [index, *pages]:
         assert not missing_references(page), missing_references(page)
     text = (out / "L0F0.html").read_text()
-    # 3 examples + 3 positives + 3 negatives, each with its picture and its heat map
-    assert len(image_refs(out / "L0F0.html")) == 18
+    # 3 examples + 3 positives + 3 negatives, each with its picture, the feature's activation
+    # over it and the heads' heat map
+    assert len(image_refs(out / "L0F0.html")) == 27
+    assert "acts/L0F0e0.png" in image_refs(out / "L0F0.html")
     assert text.count("this neuron activates for objects left of others") == 2  # RAW, OVERLAY
     assert "0.667" in text and "0.910" not in text and "0.91" in text  # F1; c_f from the stats
     assert "L0H1 L0H0" in text and "not ablated by the causal stage" in text
@@ -103,6 +106,110 @@ def test_dashboards_pages_and_pictures(described):
     assert 'rgba(255, 80, 0, 0.0)" title="0.000">circle<' in text
     assert "-3.25" in (out / "L0F1.html").read_text()  # its ablation row
     assert "not scored by the causal stage" in (out / "L0F1.html").read_text()
+    # delphi's scores beside F1 (CountingBackend answers as the oracle: detection 2/3,
+    # fuzzing 5/6); no Neuronpedia link for SAEs trained here
+    assert "0.833" in text and "neuronpedia" not in text.lower()
+    # the logit effects from the evidence, promoted and suppressed side by side
+    assert re.search(r"<td>left</td><td>1.500</td><td>right</td><td>-0.700</td>", text)
+    assert "<td>of</td><td>0.250</td><td></td><td>–</td>" in text
+
+
+def test_every_adapted_feature_in_one_sortable_table(described):
+    root, outs = described
+    stats = pd.DataFrame({"layer": [0, 0, 1, 1], "feature": [0, 1, 0, 7],
+                          "c_f": [0.91, 0.42, 0.5, 0.1], "E_v": [0.03, 0.02, 0.0, 0.2],
+                          "or_spatial": [1.5, 9.0, 2.0, float("nan")],
+                          "adapted": [False, True, True, True],
+                          "spatial_set": [False, True, False, False],
+                          "ocr_set": [False, False, False, True]})
+    stats.to_parquet(root / "features.parquet")
+    build_dashboards(root / "evidence", outs, root / "features.parquet", root / "heads.csv",
+                     root / "ablation.csv", root / "dash", link_report=False)
+    page = root / "dash" / "features.html"
+    text = page.read_text()
+    assert "Adapted features (3)" in text and "L0F0" not in text  # L0F0 is not adapted
+    assert [r for k, r in parse(page).refs if k == "a"] == ["index.html", "L0F1.html"]
+    assert re.search(r">L1F7<.*>ocr<", text) and re.search(r">L0F1</a>.*>spatial<", text)
+    if chromium() is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    # columns: feature, layer, index, c_f, E_v, or_spatial, sets
+    first = "document.querySelector('#features tbody tr td').textContent"
+    last = "document.querySelector('#features tbody tr:last-child td').textContent"
+    values = page_values(page.as_uri(), [first, *(f"sortBy({c}); {first}" for c in (5, 5)),
+                                         last, f"sortBy(3); {first}"])
+    # or_spatial largest first (9.0), then smallest first (2.0; the missing one stays last),
+    # then c_f largest first (0.5)
+    assert values == ["L0F1", "L0F1", "L1F0", "L1F7", "L1F0"]
+
+
+def test_dashboards_link_the_base_feature_on_neuronpedia(described):
+    root, outs = described
+    url = "https://www.neuronpedia.org/llama3.1-8b/{layer}-llamascope-res-32k/{index}"
+    build_dashboards(root / "evidence", outs, root / "features.parquet", root / "heads.csv",
+                     root / "ablation.csv", root / "dash", link_report=False, neuronpedia=url)
+    link = "https://www.neuronpedia.org/llama3.1-8b/0-llamascope-res-32k/1"
+    assert ("a", link) in parse(root / "dash" / "L0F1.html").refs
+
+
+def test_pages_show_the_distribution_quantiles_hard_negatives_and_set_members(tmp_path):
+    from dataclasses import asdict
+
+    from test_autointerp import _sample
+    from vlmdiff.interp.distribution import activation_histogram
+    from vlmdiff.interp.evidence import EVIDENCE_FILE, read_evidence
+
+    evidence = tmp_path / "evidence"
+    evidence.mkdir()
+    feats = make_evidence(evidence, 2)
+    hist = activation_histogram([0.0] * 6 + [0.5, 1.0, 1.0, 2.0], bins=4)
+    for i, ev in enumerate(feats):
+        ev.histogram = hist
+        ev.quantile_examples = [_sample(evidence, f"L0F{i}q{b}", f"left q{b}", 1, 2.0 - b)
+                                for b in range(2)]
+        for b, s in enumerate(ev.quantile_examples):
+            s.quantile = b
+    feats[0].hard_negatives = [_sample(evidence, "L0F0h0", "is it left of the box?", 0, 0.0)]
+    feats[0].hard_words = ["left"]
+    feats[1].described, feats[1].sets = False, ["spatial", "ocr"]
+    feats[1].positives, feats[1].negatives = [], []
+    (evidence / EVIDENCE_FILE).write_text(json.dumps({"features": [asdict(f) for f in feats]}))
+    assert read_evidence(evidence)[1].quantile_examples[1].quantile == 1
+    outs = {"raw": tmp_path / "raw"}
+    autointerp_job(evidence_dir=evidence, out=outs, cache_dir=tmp_path / "cache",
+                   cfg=openai_cfg("http://x/v1"), seed=0,
+                   make_backend=lambda c, d: CountingBackend(), log=lambda m: None)
+    pd.DataFrame({"layer": [0, 0], "feature": [0, 1], "c_f": [0.9, 0.4]}).to_parquet(
+        tmp_path / "features.parquet")
+    pd.DataFrame(columns=["feature", "top_B"]).to_csv(tmp_path / "heads.csv", index=False)
+    pd.DataFrame(columns=["feature"]).to_csv(tmp_path / "ablation.csv", index=False)
+    out = tmp_path / "dash"
+    pages = build_dashboards(evidence, outs, tmp_path / "features.parquet",
+                             tmp_path / "heads.csv", tmp_path / "ablation.csv", out,
+                             link_report=False)
+    assert sorted(p.name for p in pages) == ["L0F0.html", "L0F1.html"]
+    for page in [out / "index.html", *pages]:
+        assert not missing_references(page), missing_references(page)
+    described, member = (out / "L0F0.html").read_text(), (out / "L0F1.html").read_text()
+    assert "Fires on 4 of 10 D_base samples (firing density 0.400)" in described
+    assert described.count("<rect ") == 4 and "2 to 2: 0" not in described
+    assert "quantile bin 1;" in described and "quantile bin 2;" in described
+    assert "Hard negatives: the quietest D_base samples sharing the words it fires on (left)" in (
+        described)
+    assert ">box?</span>" in described
+    # the undescribed set member: a page with its distribution, no validation sections
+    assert "Not described: a member of the spatial and ocr sets" in member
+    assert "Held-out" not in member and "Hard negatives" not in member
+    assert member.count("<rect ") == 4 and "quantile bin 2;" in member
+    index = (out / "index.html").read_text()
+    assert "not described" in index and "spatial, ocr" in index and "0.400" in index
+    if chromium() is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    failed, broken, _ = page_load_problems((out / "L0F1.html").as_uri())
+    assert not failed and not broken
+    heights = page_values((out / "L0F0.html").as_uri(), [
+        "Array.from(document.querySelectorAll('svg.histogram rect'))"
+        ".map(r => Math.round(r.getBBox().height)).join(',')"])
+    assert heights == ["0,60,120,60"]  # counts 0, 1, 2, 1 (edges 0, .5, 1, 1.5, 2) over 120 px
 
 
 # ------------------------------------------------------------------------- the report

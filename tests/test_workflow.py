@@ -160,6 +160,30 @@ def test_adaptation_outputs(tiny_run, tiny_config):
         assert float(abs(cos.sel(regime="random")).mean()) < float(cos.sel(regime="text").mean())
 
 
+@torch.no_grad()
+def test_exports_load_in_saelens_and_sparsify(tiny_run, tiny_config):
+    from sae_lens import SAE
+    from sparsify import SparseCoder
+    from vlmdiff.sae.topk import TopKSAE
+
+    gen = torch.Generator().manual_seed(0)
+    for regime in ["base", *tiny_config["sae"]["regimes"]]:
+        exports = tiny_run / "exports" / regime
+        # Snakemake marks a directory() output with a hidden .snakemake_timestamp
+        assert sorted(p.name for p in exports.iterdir() if not p.name.startswith(".")) == [
+            "saelens", "sparsify"]
+        for layer in range(tiny_config["lm"]["num_layers"]):
+            ours = TopKSAE.load(tiny_run / f"sae/{regime}/layer_{layer}")
+            # model-unit activations: mean norm sqrt(d) / s, as the SAE's own data had
+            x = torch.randn(64, ours.d_model, generator=gen) / float(ours.norm_factor)
+            out = ours(x)
+            scale = float(out.sae_out.abs().max())
+            lens = SAE.load_from_disk(str(exports / f"saelens/blocks.{layer}.hook_resid_post"))
+            assert float((lens(x) - out.sae_out).abs().max()) <= 1e-5 * scale
+            coder = SparseCoder.load_from_disk(exports / f"sparsify/layers.{layer}")
+            assert float((coder(x).sae_out - out.sae_out).abs().max()) <= 1e-5 * scale
+
+
 def test_feature_outputs(tiny_run, tiny_config):
     tables = tiny_run / "tables"
     features = pd.read_parquet(tables / "features.parquet")
@@ -296,6 +320,10 @@ def test_autointerp_outputs(tiny_run, tiny_config):
     assert ok["description"].str.startswith("this neuron activates for").all()
     assert ok["model"].str.contains("SmolLM2-135M-Instruct").all()
     assert ok["f1"].between(0, 1).all() and (ok["prompt_tokens"] > 0).all()
+    for score in ("detection", "fuzzing"):  # delphi's, with intervals around them
+        assert ok[score].between(0, 1).all()
+        assert (ok[f"{score}_low"] <= ok[score] + 1e-9).all()
+        assert (ok[score] <= ok[f"{score}_high"] + 1e-9).all()
     assert ok["evidence"].str.contains("picture in words").all()
     overlay = ok[ok["variant"] == "overlay"]
     assert overlay["evidence"].str.contains("heat map in words").all()
@@ -312,8 +340,48 @@ def test_autointerp_outputs(tiny_run, tiny_config):
                 assert len(rec["classification_results"]) == len(
                     [c for c in rec["classification_results"] if c["prediction"] in (0, 1)])
     md = (tiny_run / "tables/autointerp.md").read_text()
-    assert "F1 RAW" in md and "Mean F1" in md
+    assert "F1 RAW" in md and "Mean F1" in md and "Fuzzing (class-balanced accuracy" in md
     assert (tiny_run / "figures/fig_autointerp_f1.png").stat().st_size > 1000
+
+
+def test_every_set_member_has_a_page_with_its_distribution(tiny_run, tiny_config):
+    from vlmdiff.interp.evidence import read_evidence
+
+    a = tiny_config["autointerp"]
+    features = pd.read_parquet(tiny_run / "tables/features.parquet")
+    member = features[[f"{c}_set" for c in a["contrasts"]]].any(axis=1)
+    labels = {f"L{r.layer}F{r.feature}" for r in features[member].itertuples()}
+    pages = {p.stem for p in (tiny_run / "dashboards").glob("L*F*.html")}
+    assert labels <= pages, sorted(labels - pages)
+    evs = read_evidence(tiny_run / "autointerp/evidence")
+    assert {ev.label for ev in evs} == pages
+    n_val = tiny_config["world"]["sizes"]["val"]
+    for ev in evs:
+        h = ev.histogram
+        assert h["n_samples"] == n_val and sum(h["counts"]) == h["n_firing"]
+        assert len(h["counts"]) == a["pages"]["histogram_bins"]
+        assert h["density"] == pytest.approx(h["n_firing"] / n_val)
+        bins = [s.quantile for s in ev.quantile_examples]
+        assert bins == sorted(bins) and all(0 <= b < a["pages"]["quantile_bins"] for b in bins)
+        assert all(s.activation > 0 for s in ev.quantile_examples)
+        if ev.described:
+            assert len(ev.positives) <= a["holdout"]
+            # quiet ones where there are (the tiny run's feature fires on every sample: the
+            # quietest then), never as active as its top examples
+            top = max(s.activation for s in ev.examples)
+            assert len(ev.hard_negatives) == a["hard_negatives"]
+            assert all(s.activation < top for s in ev.hard_negatives)
+            taken = {(s.source, s.row) for s in ev.examples + ev.positives + ev.negatives}
+            assert not taken & {(s.source, s.row) for s in ev.hard_negatives}
+        else:
+            assert not ev.positives and not ev.hard_negatives
+        text = (tiny_run / f"dashboards/{ev.label}.html").read_text()
+        assert "firing density" in text and 'class="histogram"' in text
+    table = pd.read_csv(tiny_run / "tables/autointerp.csv")
+    ok = table[table["status"] == "ok"]
+    for score in ("detection_hard", "fuzzing_hard"):
+        assert ok[score].between(0, 1).all()
+        assert (ok[f"{score}_low"] <= ok[score] + 1e-9).all()
 
 
 def test_report_and_dashboards_hold_every_figure(root, tiny_run):

@@ -1,4 +1,4 @@
-from vlmdiff.interp.autointerp import autointerp_table_job
+from vlmdiff.interp.autointerp_table import autointerp_table_job
 from vlmdiff.logs import start_job
 
 log = start_job(snakemake.log[0])

@@ -13,5 +13,6 @@ dashboards_job(
     raw_dir=named.get("raw"),
     overlay_dir=named.get("overlay"),
     out=dict(snakemake.output.items()),
+    neuronpedia=snakemake.params.neuronpedia,
     log=log,
 )

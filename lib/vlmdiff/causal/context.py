@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from vlmdiff.causal.heads import feature_label
 from vlmdiff.logs import Log
 
 # ------------------------------------------------------------------------- workflow jobs
@@ -20,10 +21,6 @@ def causal_features(selected_path: str | Path, contrast: str, max_features: int)
     table = pd.read_parquet(selected_path)
     table = table[table["contrast"] == contrast].sort_values("rank")
     return table.head(max_features).reset_index(drop=True)
-
-
-def feature_label(layer: int, feature: int) -> str:
-    return f"L{layer}F{feature}"
 
 
 class CausalContext:

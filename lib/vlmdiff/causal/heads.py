@@ -1,4 +1,4 @@
-"""Reading attribution scores per head: labels, one feature's `[layer, head]` map, rankings.
+"""Reading attribution scores per head: head and feature labels, one feature's `[layer, head]` map, rankings.
 
 Kept apart from `attribution` (which needs torch and the models) so that the jobs that only
 read the scores and draw start quickly.
@@ -12,6 +12,10 @@ import xarray as xr
 
 def head_label(layer: int, head: int) -> str:
     return f"L{layer}H{head}"
+
+
+def feature_label(layer: int, feature: int) -> str:
+    return f"L{layer}F{feature}"
 
 
 def feature_head_scores(ds: xr.Dataset, feature: str, method: str, variant: str) -> xr.DataArray:

@@ -10,6 +10,12 @@ A finished (feature, variant) is stored in a cache keyed by everything the model
 who answered, so a re-run never asks it again and an interrupted run resumes where it stopped.
 A call that fails (malformed replies after retries, or the endpoint gives up) is recorded as a
 failure in the outputs, not cached, and asked again on the next run.
+
+Beside F1, the validation rounds are scored as delphi scores detection (class-balanced
+accuracy), and as many fuzzing rounds (prompt C) show the same held-out samples with words
+marked `<<...>>`: positives where the feature fires, negatives where a random positive fired;
+the model says whether the marked words are what the description is about
+(`vlmdiff.interp.scoring`).
 """
 
 from __future__ import annotations
@@ -20,19 +26,21 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from vlmdiff.files import atomic_dir, atomic_path, write_table
+from vlmdiff.files import atomic_dir, atomic_path
 from vlmdiff.interp.backends import Backend, BackendError, Expect, Message, ReplyError, ask
+from vlmdiff.interp.distribution import word_marks
 from vlmdiff.interp.evidence import FeatureEvidence, Sample, read_evidence
+from vlmdiff.interp.scoring import Item, classification_scores, fuzzing_items
 from vlmdiff.logs import Log
 
 VARIANTS = ("raw", "overlay")
-PROMPT_VERSION = "B.1/3"  # part of the cache key: changing the prompts asks everything again
+PROMPT_VERSION = "B.1/3+C/1"  # part of the cache key: changing the prompts asks everything again
 SUMMARY_FILE = "summary.json"
 CONTENT_FREE = "N/A"  # the description of the calibration baseline (see llm.LocalBackend)
 
@@ -49,6 +57,14 @@ VALIDATE_SYSTEM = ("You are validating a neuron description against short exampl
 VALIDATE_TASK = (
     "Description: {description}\n"
     "Task: For each sample, output 1 if it reasonably matches the description; else 0.\n"
+    'Return: {{"classifications": [0/1, ...]}} with one entry per sample, in order.')
+FUZZ_SYSTEM = ("You are checking a neuron description against short examples whose marked "
+               "words may be where the neuron fires ({sees}).")
+FUZZ_TASK = (
+    "Description: {description}\n"
+    "In each sample the words between << and >> are marked.\n"
+    "Task: For each sample, output 1 if the marked words are what the description is about; "
+    "else 0.\n"
     'Return: {{"classifications": [0/1, ...]}} with one entry per sample, in order.')
 
 
@@ -128,16 +144,59 @@ def validate_messages(description: str, samples: Sequence[Sample], variant: str,
             _user(parts, vision)]
 
 
+def fuzz_messages(description: str, pairs: Sequence[tuple[Sample, Item]], variant: str,
+                  vision: bool, folder: Path) -> list[Message]:
+    """Prompt C: one fuzzing round, each sample's prompt shown with its marked words."""
+    parts: list[dict[str, Any]] = []
+    for i, (s, item) in enumerate(pairs, 1):
+        parts += sample_parts(replace(s, text=item.text), i, variant, vision, folder,
+                              show_tokens=False)
+    parts.append({"type": "text", "text": FUZZ_TASK.format(description=description)})
+    return [{"role": "system", "content": FUZZ_SYSTEM.format(sees=_SEES[variant])},
+            _user(parts, vision)]
+
+
 # ------------------------------------------------------------------------- scoring
 
 
 def validation_rounds(ev: FeatureEvidence, n_rounds: int, seed: int) -> list[list[Sample]]:
-    """Held-out positives and negatives, shuffled (seeded per feature), in `n_rounds` rounds."""
-    samples = ev.positives + ev.negatives
+    """Held-out positives, random and hard negatives, shuffled (seeded per feature), in
+    `n_rounds` rounds."""
+    samples = ev.positives + ev.negatives + ev.hard_negatives
     salt = int(hashlib.sha256(ev.label.encode()).hexdigest()[:8], 16)
     order = np.random.default_rng([seed, salt]).permutation(len(samples))
     chunks = np.array_split(order, max(1, min(n_rounds, len(samples))))
     return [[samples[int(i)] for i in c] for c in chunks if len(c)]
+
+
+def words(s: Sample) -> tuple[list[str], list[float]]:
+    """A sample's prompt tokens as words, with their activations: chat-template tokens dropped,
+    BPE space marks stripped (a sample without tokens gives its text's words, unmarked)."""
+    if not s.tokens:
+        return s.text.split(), [0.0] * len(s.text.split())
+    pairs = [(t.lstrip("\u0120\u2581"), float(a)) for t, a in zip(s.tokens, s.token_acts,
+                                                                  strict=True)
+             if not t.startswith("<")]
+    pairs = [(t, a) for t, a in pairs if t]
+    return [t for t, _ in pairs], [a for _, a in pairs]
+
+
+def fuzzing_rounds(ev: FeatureEvidence, n_rounds: int, seed: int
+                   ) -> list[list[tuple[Sample, Item]]]:
+    """Held-out positives and negatives marked for fuzzing, shuffled, in `n_rounds` rounds.
+    Hard negatives are marked on the words they share with the described examples (where
+    they share none, at a random positive's spans, as random negatives are)."""
+    salt = int(hashlib.sha256(ev.label.encode()).hexdigest()[:8], 16)
+    rng = np.random.default_rng([seed, salt, 1])
+    marks = {id(s): word_marks(words(s)[0], ev.hard_words) for s in ev.hard_negatives}
+    marked = [s for s in ev.hard_negatives if any(marks[id(s)])]
+    unmarked = ev.negatives + [s for s in ev.hard_negatives if not any(marks[id(s)])]
+    items = fuzzing_items([words(s) for s in ev.positives], [words(s)[0] for s in unmarked],
+                          rng, hard=[(words(s)[0], marks[id(s)]) for s in marked])
+    pairs = list(zip(ev.positives + unmarked + marked, items, strict=True))
+    order = rng.permutation(len(pairs))
+    chunks = np.array_split(order, max(1, min(n_rounds, len(pairs))))
+    return [[pairs[int(i)] for i in c] for c in chunks if len(c)]
 
 
 def f1_score(labels: Sequence[int], predictions: Sequence[int]) -> dict[str, float | int]:
@@ -156,6 +215,24 @@ def f1_score(labels: Sequence[int], predictions: Sequence[int]) -> dict[str, flo
             "f1": f1}
 
 
+def sample_kinds(ev: FeatureEvidence) -> dict[int, str]:
+    """`id` of each sample scored -> "positive", "random" or "hard"."""
+    kinds = {id(s): "positive" for s in ev.positives}
+    kinds.update({id(s): "random" for s in ev.negatives})
+    kinds.update({id(s): "hard" for s in ev.hard_negatives})
+    return kinds
+
+
+def kind_scores(results: Sequence[Mapping[str, Any]], kinds: Sequence[str]
+                ) -> dict[str, float | int] | None:
+    """`classification_scores` of the results of the sample kinds named (None where they hold
+    no negative: a score against negatives that were never shown means nothing)."""
+    chosen = [r for r in results if r["kind"] in kinds]
+    if not any(r["label"] == 0 for r in chosen):
+        return None
+    return classification_scores([r["label"] for r in chosen], [r["prediction"] for r in chosen])
+
+
 def _sample_ref(s: Sample) -> dict[str, Any]:
     return {"source": s.source, "row": s.row, "text": s.text, "activation": s.activation}
 
@@ -168,7 +245,10 @@ def _base_record(ev: FeatureEvidence, variant: str, backend: Backend) -> dict[st
         "prompt_version": PROMPT_VERSION,
         "examples": [{**_sample_ref(s), "image": s.image, "overlay": s.overlay}
                      for s in ev.examples],
-        "description": None, "classification_results": [], "f1": None,
+        "description": None, "classification_results": [], "f1": None, "detection": None,
+        "fuzzing_results": [], "fuzzing": None, "detection_random": None,
+        "detection_hard": None, "fuzzing_random": None, "fuzzing_hard": None,
+        "hard_words": ev.hard_words,
         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0},
         "malformed_replies": [], "status": "ok", "error": None,
     }
@@ -177,6 +257,35 @@ def _base_record(ev: FeatureEvidence, variant: str, backend: Backend) -> dict[st
 def _add_usage(record: dict[str, Any], usage: Mapping[str, int]) -> None:
     for k, v in usage.items():
         record["usage"][k] += v
+
+
+def _ask_rounds(backend: Backend, record: dict[str, Any], kind: str,
+                chunks: Sequence[Sequence[tuple[Sample, Item]]], description: str, variant: str,
+                folder: Path, attempts: int, step: list[str],
+                kinds: Mapping[int, str]) -> tuple[list[int], list[int]]:
+    """One call per round of `kind` ("validation": prompt B on whole samples; "fuzzing":
+    prompt C on marked words), calibrated against the content-free description; each answer
+    joins the record's results; returns labels and predictions. `step` names the round being
+    asked, for the error of a failure."""
+    fuzz = kind == "fuzzing"
+    build = fuzz_messages if fuzz else validate_messages
+    results = record["fuzzing_results" if fuzz else "classification_results"]
+    labels, preds = [], []
+    for r, chunk in enumerate(chunks, 1):
+        step[0] = f"{kind} round {r}"
+        shown = chunk if fuzz else [s for s, _ in chunk]
+        null = build(CONTENT_FREE, shown, variant, backend.vision, folder)
+        got, usage, bad = ask(backend, build(description, shown, variant, backend.vision, folder),
+                              Expect("classifications", len(chunk), null), attempts=attempts)
+        _add_usage(record, usage)
+        record["malformed_replies"] += bad
+        for (s, item), p in zip(chunk, got, strict=True):
+            marked = {"marked": item.text} if fuzz else {}
+            results.append({**_sample_ref(s), **marked, "round": r, "label": item.label,
+                            "prediction": int(p), "kind": kinds[id(s)]})
+            labels.append(item.label)
+            preds.append(int(p))
+    return labels, preds
 
 
 def interpret(backend: Backend, ev: FeatureEvidence, variant: str, folder: Path, *,
@@ -192,30 +301,32 @@ def interpret(backend: Backend, ev: FeatureEvidence, variant: str, folder: Path,
         record.update(status="skipped", error="too few top-activating samples to describe "
                       "and validate (the feature rarely fires)")
         return record
-    step = "description"
+    step = ["description"]
     try:
         value, usage, bad = ask(backend, describe_messages(ev, variant, backend.vision, folder),
                                 Expect("description"), attempts=attempts)
         _add_usage(record, usage)
         record["malformed_replies"] += bad
         record["description"] = value
-        labels, preds = [], []
-        for r, chunk in enumerate(validation_rounds(ev, rounds, seed), 1):
-            step = f"validation round {r}"
-            msgs = validate_messages(value, chunk, variant, backend.vision, folder)
-            null = validate_messages(CONTENT_FREE, chunk, variant, backend.vision, folder)
-            got, usage, bad = ask(backend, msgs, Expect("classifications", len(chunk), null),
-                                  attempts=attempts)
-            _add_usage(record, usage)
-            record["malformed_replies"] += bad
-            for s, p in zip(chunk, got, strict=True):
-                record["classification_results"].append(
-                    {**_sample_ref(s), "round": r, "label": s.label, "prediction": int(p)})
-                labels.append(s.label)
-                preds.append(int(p))
-        record.update(f1_score(labels, preds))
+        kinds = sample_kinds(ev)
+        detect = [[(s, Item(s.text, s.label)) for s in c]
+                  for c in validation_rounds(ev, rounds, seed)]
+        labels, preds = _ask_rounds(backend, record, "validation", detect, value, variant,
+                                    folder, attempts, step, kinds)
+        record["detection"] = classification_scores(labels, preds)["balanced_accuracy"]
+        # F1 as before hard negatives: the positives against the random negatives only
+        results = record["classification_results"]
+        record.update(f1_score(*zip(*[(r["label"], r["prediction"]) for r in results
+                                      if r["kind"] != "hard"], strict=True)))
+        labels, preds = _ask_rounds(backend, record, "fuzzing", fuzzing_rounds(ev, rounds, seed),
+                                    value, variant, folder, attempts, step, kinds)
+        record["fuzzing"] = classification_scores(labels, preds)["balanced_accuracy"]
+        for name, key in (("detection", "classification_results"), ("fuzzing", "fuzzing_results")):
+            for kind in ("random", "hard"):
+                got = kind_scores(record[key], ("positive", kind))
+                record[f"{name}_{kind}"] = got["balanced_accuracy"] if got else None
     except (ReplyError, BackendError) as err:
-        record.update(status="failed", error=f"{step}: {err}")
+        record.update(status="failed", error=f"{step[0]}: {err}")
     record["seconds"] = round(time.perf_counter() - start, 3)
     return record
 
@@ -277,7 +388,7 @@ def autointerp_job(
     if make_backend is None:
         from vlmdiff.interp.backends import make_backend
     folder, cache = Path(evidence_dir), Path(cache_dir)
-    evs = read_evidence(folder)
+    evs = [ev for ev in read_evidence(folder) if ev.described]
     name, model, vision = _identity(cfg)
     rounds, attempts = cfg["rounds"], cfg["attempts"]
     records: dict[tuple[str, str], dict[str, Any]] = {}
@@ -309,7 +420,8 @@ def autointerp_job(
                     run_usage[variant][k] += v
                 elapsed = time.perf_counter() - start
                 eta = elapsed / done * (len(todo) - done)
-                log(f"{ev.label} {variant}: {rec['status']}, F1 {rec['f1']}, "
+                log(f"{ev.label} {variant}: {rec['status']}, F1 {rec['f1']}, detection "
+                    f"{rec.get('detection')}, fuzzing {rec.get('fuzzing')}, "
                     f"{rec['description']!r} ({done}/{len(todo)}, {elapsed:.0f} s elapsed, "
                     f"eta {eta:.0f} s){' ' + rec['error'] if rec['error'] else ''}")
         finally:
@@ -340,6 +452,9 @@ def summarise(records: Sequence[Mapping[str, Any]], backend: str, model: str,
            "status": {s: sum(r["status"] == s for r in records) for s in ("ok", "failed", "skipped")},
            "cached": sum(bool(r.get("cached")) for r in records),
            "mean_f1": float(np.mean(f1)) if f1 else None, "usage_all_records": usage}
+    for name in ("detection", "fuzzing", "detection_hard", "fuzzing_hard"):
+        v = [r[name] for r in records if r["status"] == "ok" and r.get(name) is not None]
+        out[f"mean_{name}"] = float(np.mean(v)) if v else None
     if run_usage is not None:
         out["usage_this_run"] = dict(run_usage)
     return out
@@ -352,108 +467,3 @@ def read_records(folder: str | Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"{folder}: no {SUMMARY_FILE} (an unfinished auto-interp output)")
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))
             if p.name != SUMMARY_FILE]
-
-
-TABLE_COLUMNS = ["feature", "layer", "index", "contrast", "rank", "variant", "status",
-                 "description", "f1", "precision", "recall", "tp", "fp", "fn", "tn", "model",
-                 "evidence", "prompt_tokens", "completion_tokens", "calls", "error"]
-
-
-def records_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """One row per (feature, variant) record."""
-    rows = []
-    for r in records:
-        row = {c: r.get(c) for c in TABLE_COLUMNS}
-        row.update(r["usage"])
-        row["evidence"] = "; ".join(r["evidence"])
-        rows.append(row)
-    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-    return table.sort_values(["contrast", "rank", "variant"], kind="stable").reset_index(drop=True)
-
-
-def f1_comparison(table: pd.DataFrame) -> pd.DataFrame:
-    """Per feature: RAW and OVERLAY F1 and descriptions side by side, and their difference."""
-    wide = table.pivot(index=["contrast", "rank", "feature"], columns="variant", values="f1")
-    wide = wide.reindex(columns=list(VARIANTS))
-    wide.columns = [f"f1_{v}" for v in VARIANTS]
-    wide = wide.reset_index()
-    wide["f1_gain"] = wide["f1_overlay"] - wide["f1_raw"]
-    for v in VARIANTS:
-        d = table[table["variant"] == v].set_index("feature")["description"]
-        wide[f"description_{v}"] = wide["feature"].map(d)
-    return wide.sort_values(["contrast", "rank"]).reset_index(drop=True)
-
-
-def markdown_table(wide: pd.DataFrame) -> str:
-    """The RAW vs OVERLAY comparison as a markdown table with the mean F1 of each variant."""
-    lines = ["| feature | contrast | F1 RAW | F1 OVERLAY | description (RAW) | description (OVERLAY) |",
-             "| --- | --- | --- | --- | --- | --- |"]
-
-    def num(v: Any) -> str:
-        return "–" if v is None or pd.isna(v) else f"{v:.2f}"
-
-    def text(v: Any) -> str:
-        return "–" if v is None or pd.isna(v) else str(v).replace("|", "/")
-
-    for _, r in wide.iterrows():
-        lines.append(f"| {r['feature']} | {r['contrast']} | {num(r['f1_raw'])} | "
-                     f"{num(r['f1_overlay'])} | {text(r['description_raw'])} | "
-                     f"{text(r['description_overlay'])} |")
-    if wide.empty:
-        lines.append("| EMPTY: no selected features to describe | | | | | |")
-    both = wide.dropna(subset=["f1_raw", "f1_overlay"])
-    lines.append("")
-    lines.append(f"Mean F1 over {len(both)} feature(s) with both variants: RAW "
-                 f"{num(both['f1_raw'].mean() if len(both) else None)}, OVERLAY "
-                 f"{num(both['f1_overlay'].mean() if len(both) else None)}.")
-    return "\n".join(lines) + "\n"
-
-
-def fig_autointerp_f1(wide: pd.DataFrame) -> Any:
-    """F1 of each feature's RAW and OVERLAY description (lines join a feature's two points),
-    with each variant's mean; the paper reports OVERLAY about +0.2 above RAW."""
-    from vlmdiff.plots import axes_note, plt
-
-    fig, ax = plt.subplots(figsize=(4.2, 3.4))
-    ax.set_xticks([0, 1], ["RAW", "OVERLAY"])
-    ax.set_xlim(-0.4, 1.4)
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_ylabel("F1 of held-out classification")
-    ax.set_title("Auto-interp: RAW vs OVERLAY", fontsize=10)
-    both = wide.dropna(subset=["f1_raw", "f1_overlay"])
-    for _, r in both.iterrows():
-        ax.plot([0, 1], [r["f1_raw"], r["f1_overlay"]], color="0.6", lw=0.8, marker="o", ms=3)
-    raw_only = wide[wide["f1_raw"].notna() & wide["f1_overlay"].isna()]
-    ax.scatter(np.zeros(len(raw_only)), raw_only["f1_raw"], color="0.6", s=9,
-               label="RAW only (no heat maps)" if len(raw_only) else None)
-    for x, col in ((0, "f1_raw"), (1, "f1_overlay")):
-        vals = wide[col].dropna()
-        if len(vals):
-            ax.hlines(vals.mean(), x - 0.25, x + 0.25, color="C3", lw=2.5)
-            ax.text(x + 0.27, vals.mean(), f"{vals.mean():.2f}", va="center", fontsize=8,
-                    color="C3")
-    if wide[["f1_raw", "f1_overlay"]].notna().sum().sum() == 0:
-        axes_note(ax, ["no F1: no feature was described and validated"])
-    if len(raw_only):
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    return fig
-
-
-def autointerp_table_job(
-    *, raw_dir: str | Path, overlay_dir: str | Path, out: Mapping[str, str | Path],
-    log: Log = print,
-) -> pd.DataFrame:
-    """The `autointerp_table` rule: RAW and OVERLAY records as one table (`out["table"]`),
-    side by side in Markdown (`out["markdown"]`), and their F1 figure (`out["fig_autointerp"]`,
-    `out["fig_autointerp_pdf"]`)."""
-    from vlmdiff.plots import save
-
-    table = records_table(read_records(raw_dir) + read_records(overlay_dir))
-    wide = f1_comparison(table)
-    write_table(table, out["table"])
-    with atomic_path(out["markdown"]) as tmp:
-        tmp.write_text(markdown_table(wide))
-    save(fig_autointerp_f1(wide), out["fig_autointerp"], out["fig_autointerp_pdf"])
-    log(markdown_table(wide).splitlines()[-1])
-    return table

@@ -3,11 +3,17 @@
 Per selected feature: its top-activating samples from VQA (D_base), VQA-spatial (D_sp) and
 VSR, taken in turn from each source and de-duplicated (the spatial split repeats D_base
 questions); the first `k` are the examples a language model describes, the next ones held-out
-positives, and random D_base samples where the feature stays low the negatives. Each sample
-carries its picture, the activation of every prompt token, a textual stand-in for the picture
-(for text-only models: the scene in words, which the shapes world knows), and, where the
-feature has attribution scores, the attention of its top heads drawn over the picture and
-summarised in words (which objects hold the most attention).
+positives; random D_base samples where the feature stays low are the random negatives, and
+quiet D_base samples sharing the words it fires on the hard ones (`interp.distribution`).
+Each sample carries its picture, the activation of every prompt token, a textual stand-in for
+the picture (for text-only models: the scene in words, which the shapes world knows), and,
+where the feature has attribution scores, the attention of its top heads drawn over the
+picture and summarised in words (which objects hold the most attention).
+
+Every member of the spatial and OCR sets gets evidence for its page too (`described` false
+for those outside the selection): its top examples, the histogram of its activations over
+D_base with its firing density, examples from each activation quantile bin, its top logit
+effects and its own activation drawn over each picture.
 """
 
 from __future__ import annotations
@@ -21,11 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import xarray as xr
-from PIL import Image
 
-from vlmdiff.files import atomic_dir, atomic_path
-from vlmdiff.logs import Log
+from vlmdiff.interp.scoring import quantile_sample
 
 if TYPE_CHECKING:
     import torch
@@ -34,9 +37,6 @@ if TYPE_CHECKING:
 
 SOURCES = ("VQA", "VQA-spatial", "VSR")
 EVIDENCE_FILE = "evidence.json"
-IMAGE_PX = 144  # pictures are drawn larger than the model's input so that people can see them
-_COLUMN_WORDS = ("left", "centre", "right")
-_ROW_WORDS = ("top", "middle", "bottom")
 
 
 @dataclass
@@ -54,11 +54,22 @@ class Sample:
     token_acts: list[float] = field(default_factory=list)
     overlay: str | None = None
     overlay_text: str | None = None
+    activation_overlay: str | None = None
+    """The feature's own activation on the image tokens drawn over the picture (pages only)."""
+    quantile: int = -1
+    """The activation quantile bin of a quantile example (0: the strongest); -1 elsewhere."""
+
+
+GROUPS = ("examples", "positives", "negatives", "hard_negatives", "quantile_examples")
+PAGE_ONLY = ("logit_effects", "quantile_examples", "histogram", "described")
+"""What the pages show but no language model is shown (kept out of the auto-interp cache key)."""
 
 
 @dataclass
 class FeatureEvidence:
-    """A feature's examples (described), held-out positives and negatives (validation)."""
+    """A feature's examples (described), held-out positives and negatives (validation), and
+    what its page shows beside them. A set member outside the described ones (`described`
+    false) has examples and the page's parts only."""
 
     label: str
     layer: int
@@ -69,10 +80,35 @@ class FeatureEvidence:
     examples: list[Sample]
     positives: list[Sample]
     negatives: list[Sample]
+    logit_effects: dict[str, list[Any]] = field(default_factory=dict)
+    """Tokens the decoder direction promotes and suppresses most (`interp.logit_effects`)."""
+    hard_negatives: list[Sample] = field(default_factory=list)
+    """Quiet D_base samples that share the words it fires on (`interp.distribution`)."""
+    hard_words: list[str] = field(default_factory=list)
+    """Those words; a hard negative's fuzzing marks go on them."""
+    quantile_examples: list[Sample] = field(default_factory=list)
+    """D_base samples from each activation quantile bin (`Sample.quantile`)."""
+    histogram: dict[str, Any] = field(default_factory=dict)
+    """`interp.distribution.activation_histogram` over D_base."""
+    described: bool = True
+    sets: list[str] = field(default_factory=list)
+    """The contrasts' sets the feature belongs to."""
 
     def digest(self) -> str:
         """A hash of everything a language model is shown of this feature."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        shown = {k: v for k, v in asdict(self).items() if k not in PAGE_ONLY + ("sets",)}
+        for extra in ("hard_negatives", "hard_words"):  # absent before they were drawn
+            if not shown[extra]:
+                shown.pop(extra)
+        for group in ("examples", "positives", "negatives", "hard_negatives"):
+            for sample in shown.get(group, []):
+                sample.pop("activation_overlay")
+                sample.pop("quantile")
+        return hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()
+
+    def samples(self) -> list[Sample]:
+        """Every sample of every group."""
+        return [s for g in GROUPS for s in getattr(self, g)]
 
 
 def read_evidence(folder: str | Path) -> list[FeatureEvidence]:
@@ -83,7 +119,7 @@ def read_evidence(folder: str | Path) -> list[FeatureEvidence]:
     raw = json.loads(path.read_text())
     out = []
     for f in raw["features"]:
-        groups = {g: [Sample(**s) for s in f[g]] for g in ("examples", "positives", "negatives")}
+        groups = {g: [Sample(**s) for s in f.get(g, [])] for g in GROUPS}
         out.append(FeatureEvidence(**{**f, **groups}))
     return out
 
@@ -119,90 +155,29 @@ def autointerp_features(selected_path: str | Path, contrasts: Sequence[str],
     return table.groupby("contrast", sort=False).head(max_features).reset_index(drop=True)
 
 
-# ------------------------------------------------------------------------- words for pictures
-
-
-def _position(x: float, y: float, size: int) -> str:
-    col = _COLUMN_WORDS[min(2, max(0, int(3 * x / size)))]
-    row = _ROW_WORDS[min(2, max(0, int(3 * y / size)))]
-    return "centre" if (row, col) == ("middle", "centre") else f"{row} {col}"
-
-
-def scene_objects(scene_json: str) -> tuple[int, list[dict[str, Any]]]:
-    """(image size, objects) of a shapes-world scene; (0, []) where the row has none."""
-    if not scene_json:
-        return 0, []
-    scene = json.loads(scene_json)
-    return int(scene["image_size"]), list(scene["objects"])
-
-
-def _object_name(o: Mapping[str, Any], size: int) -> str:
-    text = f" with the letter {o['text']}" if o.get("text") else ""
-    return f"the {o['colour']} {o['shape']}{text} ({_position(o['x'], o['y'], size)})"
-
-
-def scene_text(scene_json: str) -> str:
-    """The picture in words: each object, its letter and where it lies (3 x 3 regions)."""
-    size, objects = scene_objects(scene_json)
-    return "; ".join(_object_name(o, size) for o in objects)
-
-
-def attention_shares(grid: np.ndarray, scene_json: str) -> list[tuple[str, float]]:
-    """Share of the attention on each object's box (patch centres inside it) and on the
-    background, largest first."""
-    size, objects = scene_objects(scene_json)
-    total = float(grid.sum()) or 1.0
-    if not objects:
-        return []
-    g = grid.shape[0]
-    centres = (np.arange(g) + 0.5) * size / g
-    ys, xs = np.meshgrid(centres, centres, indexing="ij")
-    taken = np.zeros(grid.shape, bool)
-    shares = []
-    for o in objects:
-        half = o["size"] / 2
-        inside = (abs(xs - o["x"]) <= half) & (abs(ys - o["y"]) <= half) & ~taken
-        taken |= inside
-        shares.append((_object_name(o, size), float(grid[inside].sum()) / total))
-    shares.append(("the background", float(grid[~taken].sum()) / total))
-    return sorted(shares, key=lambda s: -s[1])
-
-
-def attention_text(grid: np.ndarray, scene_json: str, heads: Sequence[str]) -> str:
-    """The heat map in words: where the top heads' attention goes."""
-    shares = attention_shares(grid, scene_json)
-    where = ", ".join(f"{name} {share:.0%}" for name, share in shares[:3])
-    if not where:
-        peak = np.unravel_index(int(np.argmax(grid)), grid.shape)
-        g = grid.shape[0]
-        where = f"peak at the {_position(peak[1] + 0.5, peak[0] + 0.5, g)} of the picture"
-    return f"attention of heads {', '.join(heads)}: {where}"
-
-
-# ------------------------------------------------------------------------- pictures
-
-
-def picture(image: Image.Image, px: int = IMAGE_PX) -> Image.Image:
-    """The sample's picture, enlarged without smoothing."""
-    return image.convert("RGB").resize((px, px), Image.NEAREST)
-
-
-def heat_overlay(image: Image.Image, grid: np.ndarray, px: int = IMAGE_PX) -> Image.Image:
-    """The attention grid upsampled over the picture (jet colours, 45 % opacity), scaled as
-    the paper's overlays (`causal_plots.draw_overlay`): 4x the uniform share is full colour."""
-    from matplotlib import colormaps
-
-    base = picture(image, px)
-    heat = np.asarray(Image.fromarray(grid.astype(np.float32), mode="F").resize(
-        (px, px), Image.BILINEAR))
-    top = max(float(heat.max()), 4.0 / grid.size)
-    rgb = (colormaps["jet"](np.clip(heat / top, 0, 1))[..., :3] * 255).astype(np.uint8)
-    return Image.blend(base, Image.fromarray(rgb), 0.45)
-
-
-def _save_png(img: Image.Image, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+def page_features(described: pd.DataFrame, features_path: str | Path,
+                  contrasts: Sequence[str], members: bool) -> pd.DataFrame:
+    """The features that get a page: the described ones, then (`members`) every other member
+    of the `contrasts`' sets by contrast and rank; `described` and `sets` columns say which."""
+    table = pd.read_parquet(features_path)
+    sets = [c for c in contrasts if f"{c}_set" in table.columns]
+    key = list(zip(table["layer"], table["feature"], strict=True))
+    member_of = {k: [c for c in sets if bool(table[f"{c}_set"].iloc[i])]
+                 for i, k in enumerate(key)}
+    out = described[["layer", "feature", "contrast", "rank"]].assign(described=True)
+    if members:
+        taken = set(zip(out["layer"], out["feature"], strict=True))
+        extra = [table.loc[table[f"{c}_set"].astype(bool), ["layer", "feature", f"{c}_rank"]]
+                 .rename(columns={f"{c}_rank": "rank"}).assign(contrast=c, described=False)
+                 .sort_values("rank") for c in sets]
+        if extra:
+            rest = pd.concat(extra).drop_duplicates(["layer", "feature"])
+            rest = rest[[k not in taken for k in zip(rest["layer"], rest["feature"],
+                                                     strict=True)]]
+            out = pd.concat([out, rest[out.columns]], ignore_index=True)
+    out["sets"] = [member_of.get((int(a), int(b)), []) for a, b in
+                   zip(out["layer"], out["feature"], strict=True)]
+    return out.astype({"layer": int, "feature": int, "rank": int}).reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------- token activations
@@ -235,228 +210,13 @@ def token_activations(
     return tokens, acts
 
 
-# ------------------------------------------------------------------------- the job
-
-
-class _Sources:
-    """The three sample sources as datasets with `question` and `image` columns."""
-
-    def __init__(self, val_path: str | Path, spatial_path: str | Path, vsr_path: str | Path,
-                 template: str) -> None:
-        from vlmdiff.causal.ablation import vsr_split
-        from vlmdiff.world.layouts import load_split
-
-        vsr, _ = vsr_split(vsr_path, template)
-        self.data = {"VQA": load_split(val_path), "VQA-spatial": load_split(spatial_path),
-                     "VSR": vsr}
-        self.texts = {"VQA": self.data["VQA"]["question"],
-                      "VQA-spatial": self.data["VQA-spatial"]["question"],
-                      "VSR": vsr["caption"]}
-        self.scenes = {s: (d["scene"] if "scene" in d.column_names else [""] * len(d))
-                       for s, d in self.data.items()}
-        self.keys = {
-            s: (list(zip(d["image_id"], self.texts[s], strict=True)) if "image_id" in d.column_names
-                else [(s, i) for i in range(len(d))])
-            for s, d in self.data.items()}
-
-    def key(self, source: str, row: int) -> Hashable:
-        return self.keys[source][row]
-
-    def question(self, source: str, row: int) -> str:
-        """The prompt the VLM read (for VSR: the caption as a question)."""
-        return self.data[source][row]["question"]
-
-
-def _ranked(stats_top: Mapping[str, Mapping[tuple[int, int], np.ndarray]],
-            vsr_best: np.ndarray, key: tuple[int, int], sources: _Sources
-            ) -> dict[str, list[tuple[int, Hashable]]]:
-    ranked = {}
-    for source, split in (("VQA", "val"), ("VQA-spatial", "spatial")):
-        rows = [int(r) for r in stats_top[split].get(key, []) if r >= 0]
-        ranked[source] = [(r, sources.key(source, r)) for r in rows]
-    order = np.argsort(-vsr_best, kind="stable")
-    ranked["VSR"] = [(int(r), sources.key("VSR", int(r))) for r in order if vsr_best[r] > 0]
-    return ranked
-
-
-def feature_heads(attribution: xr.Dataset | None, label: str, variant: str,
-                  n: int) -> list[tuple[int, int]]:
-    """The feature's top `n` heads by Method B (the paper's more reliable one), or none where
-    the causal stage did not score it."""
-    from vlmdiff.causal.heads import feature_head_scores, ranked_heads
-
-    if attribution is None or label not in set(attribution["feature"].values.tolist()):
-        return []
-    return ranked_heads(feature_head_scores(attribution, label, "B", variant), n)
-
-
-@dataclass(frozen=True)
-class EvidenceSettings:
-    """Which features are described (the `autointerp` keys), the samples each gets, and the
-    heads drawn (the attribution variant that ranks them; the VSR question template)."""
-
-    contrasts: Sequence[str]
-    max_features: int
-    k: int
-    holdout: int
-    negatives: int
-    negative_max_fraction: float
-    n_heads: int
-    variant: str
-    template: str
-    batch_size: int
-    seed: int
-    device: str
-
-
-def autointerp_evidence_job(
-    *,
-    vlm_dir: str | Path,
-    val_path: str | Path,
-    spatial_path: str | Path,
-    vsr_path: str | Path,
-    stats_paths: Sequence[str | Path],
-    selected_path: str | Path,
-    sae_dirs: Mapping[int, str | Path],
-    attribution_path: str | Path,
-    settings: EvidenceSettings,
-    out: Mapping[str, str | Path],
-    log: Log = print,
-) -> list[FeatureEvidence]:
-    """The `autointerp_evidence` rule: `write_evidence` into the folder `out["evidence"]`,
-    which appears only once complete."""
-    with atomic_dir(out["evidence"]) as tmp:
-        return write_evidence(vlm_dir, val_path, spatial_path, vsr_path, stats_paths,
-                              selected_path, sae_dirs, attribution_path, tmp, settings, log)
-
-
-def write_evidence(
-    vlm_dir: str | Path,
-    val_path: str | Path,
-    spatial_path: str | Path,
-    vsr_path: str | Path,
-    stats_paths: Sequence[str | Path],
-    selected_path: str | Path,
-    sae_dirs: Mapping[int, str | Path],
-    attribution_path: str | Path,
-    out_dir: str | Path,
-    settings: EvidenceSettings,
-    log: Log = print,
-) -> list[FeatureEvidence]:
-    """Samples, pictures, token activations and heat maps of each feature, into `out_dir`
-    (`evidence.json`, `img/`, `overlay/`)."""
-    from vlmdiff.causal.context import feature_label
-    from vlmdiff.causal.heads import head_label
-    from vlmdiff.features.lexical import sample_maxima
-    from vlmdiff.features.selection import top_samples
-    from vlmdiff.models.build import load_vlm, resolve_device
-    from vlmdiff.sae.topk import TopKSAE
-
-    out = Path(out_dir)
-    contrasts, variant = settings.contrasts, settings.variant
-    k, batch_size = settings.k, settings.batch_size
-    table = autointerp_features(selected_path, contrasts, settings.max_features)
-    keys = [(int(a), int(b)) for a, b in zip(table["layer"], table["feature"], strict=True)]
-    log(f"{len(keys)} feature(s) of {list(contrasts)} for auto-interpretation")
-    result: list[FeatureEvidence] = []
-    if keys:
-        dev = resolve_device(settings.device)
-        model, processor = load_vlm(Path(vlm_dir), dev)
-        sources = _Sources(val_path, spatial_path, vsr_path, settings.template)
-        by_layer: dict[int, list[int]] = {}
-        for layer, f in keys:
-            by_layer.setdefault(layer, []).append(f)
-        saes = {layer: TopKSAE.load(sae_dirs[layer], device=dev) for layer in by_layer}
-        depth = k + settings.holdout
-        stats_top = {split: top_samples(stats_paths, split, table, depth)
-                     for split in ("val", "spatial")}
-        vsr_best = sample_maxima(model, processor, sources.data["VSR"].select_columns(
-            ["question", "image"]), by_layer, saes, batch_size=batch_size, device=dev)
-        with xr.open_dataset(attribution_path) as ds:
-            attribution = ds.load()
-        rng = np.random.default_rng(settings.seed)
-        for i, (layer, f) in enumerate(keys):
-            label = feature_label(layer, f)
-            ranked = _ranked(stats_top, vsr_best[layer][:, by_layer[layer].index(f)],
-                             (layer, f), sources)
-            picks = interleave(ranked, depth)
-            heads = feature_heads(attribution, label, variant, settings.n_heads)
-            samples = _describe_rows(model, processor, sources, picks, layer, f, saes[layer],
-                                     batch_size, dev)
-            negs = _negatives(model, processor, sources, rng, ranked, samples,
-                              settings.negatives, settings.negative_max_fraction, layer, f,
-                              saes[layer], batch_size, dev)
-            ev = FeatureEvidence(label, layer, f, str(table["contrast"].iloc[i]),
-                                 int(table["rank"].iloc[i]), [head_label(*h) for h in heads],
-                                 samples[:k], samples[k:], negs)
-            _draw(ev, heads, model, processor, sources, out, dev)
-            result.append(ev)
-            log(f"{label}: {len(ev.examples)} example(s), {len(ev.positives)} held-out "
-                f"positive(s), {len(ev.negatives)} negative(s), heads {ev.heads or 'none'}")
-    doc = {"features": [asdict(e) for e in result], "sources": list(SOURCES),
-           "attribution_variant": variant}
-    with atomic_path(out / EVIDENCE_FILE) as tmp:
-        tmp.write_text(json.dumps(doc, indent=1))
-    return result
-
-
-def _describe_rows(model: Any, processor: Any, sources: _Sources, picks: Sequence[tuple[str, int]],
-                   layer: int, f: int, sae: Any, batch_size: int, dev: torch.device,
-                   label: int = 1) -> list[Sample]:
-    """Samples for (source, row) picks, with their prompt tokens' activations of feature `f`."""
-    out: list[Sample] = []
-    for source in SOURCES:
-        rows = [r for s, r in picks if s == source]
-        if not rows:
-            continue
-        ds = sources.data[source].select(rows).select_columns(["question", "image"])
-        tokens, acts = token_activations(model, processor, ds, {layer: [f]}, {layer: sae},
-                                         batch_size=batch_size, device=dev)
-        for j, r in enumerate(rows):
-            a = acts[layer][j][:, 0]
-            out.append(Sample(source, r, sources.texts[source][r], float(a.max(initial=0.0)),
-                              label, scene=scene_text(sources.scenes[source][r]),
-                              tokens=tokens[j], token_acts=[round(float(v), 4) for v in a]))
-    order = {p: i for i, p in enumerate(picks)}
-    return sorted(out, key=lambda s: order[(s.source, s.row)])
-
-
-def _negatives(model: Any, processor: Any, sources: _Sources, rng: np.random.Generator,
-               ranked: Mapping[str, Sequence[tuple[int, Hashable]]], positives: Sequence[Sample],
-               n: int, max_fraction: float, layer: int, f: int, sae: Any, batch_size: int,
-               dev: torch.device) -> list[Sample]:
-    """`n` random D_base samples where the feature stays below `max_fraction` of its top
-    activation (the quietest of those drawn where too few do)."""
-    if n <= 0:
-        return []
-    taken = {key for rows in ranked.values() for _, key in rows}
-    pool = [r for r in range(len(sources.data["VQA"])) if sources.key("VQA", r) not in taken]
-    draw = rng.choice(pool, size=min(len(pool), 4 * n), replace=False) if pool else []
-    cands = _describe_rows(model, processor, sources, [("VQA", int(r)) for r in draw], layer, f,
-                           sae, batch_size, dev, label=0)
-    top = max((s.activation for s in positives), default=0.0)
-    quiet = [s for s in cands if s.activation <= max_fraction * top]
-    rest = sorted((s for s in cands if s.activation > max_fraction * top),
-                  key=lambda s: s.activation)
-    return (quiet + rest)[:n]
-
-
-def _draw(ev: FeatureEvidence, heads: Sequence[tuple[int, int]], model: Any, processor: Any,
-          sources: _Sources, out: Path, dev: torch.device) -> None:
-    """Each sample's picture and, where the feature has heads, its heat map, as PNGs."""
-    from vlmdiff.causal.attention import attention_to_image
-
-    samples = ev.examples + ev.positives + ev.negatives
-    images = [sources.data[s.source][s.row]["image"] for s in samples]
-    grids = None
-    if heads:
-        questions = [sources.question(s.source, s.row) for s in samples]
-        grids = attention_to_image(model, processor, images, questions, list(heads),
-                                   device=dev).mean(axis=1)
-    for i, (s, img) in enumerate(zip(samples, images, strict=True)):
-        s.image = f"img/{ev.label}_{i}.png"
-        _save_png(picture(img), out / s.image)
-        if grids is not None:
-            s.overlay = f"overlay/{ev.label}_{i}.png"
-            _save_png(heat_overlay(img, grids[i]), out / s.overlay)
-            s.overlay_text = attention_text(grids[i], sources.scenes[s.source][s.row], ev.heads)
+def holdout_positives(candidates: Sequence[Sample], n: int, quantiles: int,
+                      rng: np.random.Generator) -> list[Sample]:
+    """`n` held-out positives from the top samples after the described ones (strongest first):
+    the next `n` with `quantiles` 1, else delphi's sampler, `n // quantiles` from each of
+    `quantiles` equal slices of the candidates ranked by activation (`n` slices where `n` is
+    smaller), so that weak activations are scored as well as the top ones."""
+    if quantiles <= 1:
+        return list(candidates[:n])
+    picked = quantile_sample([s.activation for s in candidates], min(quantiles, n), n, rng)
+    return [candidates[i] for i, _ in picked]

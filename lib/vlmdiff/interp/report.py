@@ -25,6 +25,7 @@ import pandas as pd
 import yaml
 
 from vlmdiff.files import atomic_path
+from vlmdiff.interp.feature_index import FILE as EVERY
 from vlmdiff.logs import Log
 
 
@@ -191,7 +192,7 @@ autoencoders: adaptation, adapted features, spatial features, auto-interp, attri
 <h2 id="{{ s.key }}">{{ s.title }}</h2>
 {% if s.key == "autointerp" %}
 {% if autointerp_off %}<p class="muted">Auto-interp was switched off (<code>autointerp.backend: none</code>): the dashboards show each feature's evidence without descriptions.</p>{% endif %}
-<p>Feature dashboards: <a href="{{ dashboards }}/index.html">index</a>{% for d in pages %} · <a href="{{ dashboards }}/{{ d }}.html">{{ d }}</a>{% endfor %}</p>
+<p>Feature dashboards: <a href="{{ dashboards }}/index.html">index</a>{% if every %} · <a href="{{ dashboards }}/{{ every }}">every adapted feature</a>{% endif %}{% for d in pages %} · <a href="{{ dashboards }}/{{ d }}.html">{{ d }}</a>{% endfor %}</p>
 {% endif %}
 {% for f in s.figures %}<figure id="{{ f.stem }}"><img src="{{ f.src }}" alt="{{ f.stem }}">
 <figcaption><b>{{ f.stem }}</b>{% if f.caption %}: {{ f.caption }}{% endif %}{% if f.pdf %} <a href="{{ f.pdf }}">[PDF]</a>{% endif %}</figcaption></figure>
@@ -226,9 +227,10 @@ def build_report(
     sections = collect(files, run_dir, Path(captions_dir))
     bench = benchmark_table(benchmarks_dir)
     dash = Path(dashboards_dir)
-    pages = sorted(p.stem for p in dash.glob("*.html") if p.name != "index.html")
+    pages = sorted(p.stem for p in dash.glob("*.html") if p.name not in ("index.html", EVERY))
     text = PAGE.render(
         run=run, sections=sections, dashboards=os.path.relpath(dash, run_dir), pages=pages,
+        every=EVERY if (dash / EVERY).is_file() else None,
         autointerp_off=config.get("autointerp", {}).get("backend") == "none",
         config=yaml.safe_dump(_plain(config), sort_keys=False), versions=versions(),
         n_jobs=len(bench), total_s=float(bench["seconds"].sum()),

@@ -8,7 +8,7 @@ A release layer folder holds `hyperparams.json` and `checkpoints/final.safetenso
     s_out = sqrt(d_model) / dataset_average_activation_norm["out"]
     h     = W_enc (s_in x - [b_dec if apply_decoder_bias_to_pre_encoder]) + b_enc
     h_s   = h * ||W_dec[:, i]||            (only if sparsity_include_decoder_norm)
-    f_s   = h_s * (h_s > jump_relu_threshold)
+    f_s   = h_s * (h_s / s_out > jump_relu_threshold)   (the gate: see below)
     f     = f_s / ||W_dec[:, i]||          (only if sparsity_include_decoder_norm)
     x_hat = (W_dec f + b_dec) / s_out      (b_dec only if use_decoder_bias)
 
@@ -16,8 +16,14 @@ A release layer folder holds `hyperparams.json` and `checkpoints/final.safetenso
 `x_hat = (W_dec' f' + b_dec') / s_in`) exactly, with `r = s_in / s_out` and `c = ||W_dec[:, i]||`:
 `W' = r c W_enc`, `b' = r c (b_enc - W_enc b_dec [if applied])`, `W_dec' = W_dec / c` (unit
 columns), `b_dec' = r b_dec`. Our pre-activations are then `r * h_s`, so ranking them is ranking
-the release's sparsity-side activations, the JumpReLU threshold becomes `r * threshold`, and
-the reconstruction of any set of kept latents is the release's reconstruction of the same set.
+the release's sparsity-side activations, and the reconstruction of any set of kept latents is the
+release's reconstruction of the same set.
+
+The release's JumpReLU threshold is not in the units of `h_s` above: the release gates after
+folding its dataset norms into the weights (`standardize_parameters_of_dataset_norm`: encoder
+bias / s_in, decoder weight * s_in / s_out), where the sparsity score of latent i is
+`c_i h_i / s_out`. Keeping `c_i h_i / s_out > t` is `r c_i h_i > r s_out t`, so in our
+pre-activation units the gate is `s_in * t` (`r * s_out = s_in`).
 """
 
 from __future__ import annotations
@@ -169,8 +175,8 @@ def convert_release(
         "layer": int(RESID_POST.match(hook_point).group(1)),  # type: ignore[union-attr]
         "source_format": "llama-scope",
         "release_top_k": raw.get("top_k"),
-        # In our pre-activation units: pre > this is the release's JumpReLU gate.
-        "release_jump_relu_threshold": r * float(threshold),
+        # In our pre-activation units: pre > this is the release's JumpReLU gate (module doc).
+        "release_jump_relu_threshold": s_in * float(threshold),
     }
     return sae
 
