@@ -12,6 +12,7 @@ import yaml
 import zarr
 from datasets import Dataset, Features, Sequence, Value
 from vlmdiff.cache.read import iter_batches, iter_samples, open_cache, token_mask
+from vlmdiff.cache.store import CacheWriteError, ChunkWriter
 from vlmdiff.cache.write import _prefetched, write_cache
 from vlmdiff.hooks import language_layers
 from vlmdiff.inputs import encode_corpus, prompt_texts
@@ -279,6 +280,56 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, vlm, vqa, processor):
     assert summary["resumed_from_sample"] == done
     assert not partial.exists()
     got = read_all(out)
+    for name, value in ref.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+def _store_contents(path: Path) -> dict:
+    group = zarr.open_group(path, mode="r")
+    return {name: group[name][:] for name in sorted(group.array_keys())}, dict(group.attrs)
+
+
+def test_background_writes_store_what_serial_writes_store(tmp_path, vlm, vqa, processor):
+    kwargs = dict(processor=processor, batch_size=3, chunk_tokens=16, image_tokens_per_sample=5)
+    write_vqa_cache(vlm, vqa, tmp_path / "serial", background_writes=False, **kwargs)
+    write_vqa_cache(vlm, vqa, tmp_path / "thread", background_writes=True, **kwargs)
+    serial, serial_attrs = _store_contents(tmp_path / "serial")
+    thread, thread_attrs = _store_contents(tmp_path / "thread")
+    assert thread_attrs == serial_attrs and serial_attrs["n_tokens"] > 4 * 16
+    assert list(thread) == list(serial)
+    for name, value in serial.items():
+        assert thread[name].dtype == value.dtype, name
+        assert thread[name].tobytes() == value.tobytes(), name
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_failed_write_names_rows_and_leaves_store_unfinished(
+    tmp_path, monkeypatch, vlm, vqa, processor, background
+):
+    kwargs = dict(processor=processor, batch_size=3, chunk_tokens=16, background_writes=background)
+    write_vqa_cache(vlm, vqa, tmp_path / "ref", **kwargs)
+    write = ChunkWriter._write
+    calls = []
+
+    def fail_second(self, data, start, *args):
+        calls.append(start)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+        return write(self, data, start, *args)
+
+    monkeypatch.setattr(ChunkWriter, "_write", fail_second)
+    out = tmp_path / "run"
+    message = r"writing token rows [1-9]\d*:\d+ of .*run\.partial.* failed: OSError: No space left"
+    with pytest.raises(CacheWriteError, match=message):
+        write_vqa_cache(vlm, vqa, out, **kwargs)
+    assert not out.exists()
+    assert zarr.open_group(tmp_path / "run.partial", mode="r").attrs["complete"] is False
+    with pytest.raises(FileNotFoundError, match="unfinished"):
+        open_cache(out)
+
+    monkeypatch.setattr(ChunkWriter, "_write", write)
+    write_vqa_cache(vlm, vqa, out, **kwargs)  # resumes from what the first write stored
+    got, ref = _store_contents(out)[0], _store_contents(tmp_path / "ref")[0]
     for name, value in ref.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
 

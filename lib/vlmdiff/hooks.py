@@ -17,18 +17,30 @@ if TYPE_CHECKING:
 
 
 class ResidCapture:
-    """Forward hooks on decoder blocks that keep each block's output at selected tokens."""
+    """Forward hooks on decoder blocks that keep each block's output at selected tokens.
+
+    Every block writes its rows into one `[n_layers, n_kept, d_model]` buffer, so the kept
+    tokens are located once per batch (not once per block) and a GPU run copies to the host
+    once per batch.
+    """
 
     def __init__(self, layers: torch.nn.ModuleList, dtype: torch.dtype) -> None:
-        self.keep: torch.Tensor | None = None
         self.dtype = dtype
-        self.out: list[torch.Tensor | None] = [None] * len(layers)
+        self.n_layers = len(layers)
+        self.index: torch.Tensor | None = None  # flat positions of the kept tokens
+        self.buffer: torch.Tensor | None = None
+        self.seen = [False] * self.n_layers
         self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(layers)]
 
     def _hook(self, i: int) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
             h = output[0] if isinstance(output, tuple) else output
-            self.out[i] = h[self.keep].to(self.dtype).cpu()
+            rows = h.reshape(-1, h.shape[-1]).index_select(0, self.index)
+            if self.buffer is None:
+                shape = (self.n_layers, *rows.shape)
+                self.buffer = torch.empty(shape, dtype=self.dtype, device=rows.device)
+            self.buffer[i].copy_(rows)
+            self.seen[i] = True
 
         return hook
 
@@ -38,19 +50,23 @@ class ResidCapture:
         inputs: Mapping[str, torch.Tensor],
         keep: torch.Tensor,
         device: torch.device,
-    ) -> list[torch.Tensor]:
-        """One forward pass; returns each block's output at the `keep` tokens, on the CPU."""
+    ) -> torch.Tensor:
+        """One forward pass; returns the blocks' outputs at the `keep` tokens, on the CPU, as
+        `[n_layers, n_kept, d_model]` in row-major token order."""
         kwargs = {n: v.to(device) for n, v in inputs.items()}
         if "pixel_values" in kwargs:
             kwargs["pixel_values"] = kwargs["pixel_values"].to(backbone.dtype)
-        self.keep = keep.to(device)
-        with torch.inference_mode():
-            backbone(**kwargs, use_cache=False)
-        out, self.out = self.out, [None] * len(self.out)
-        missing = [i for i, t in enumerate(out) if t is None]
-        if missing:
-            raise RuntimeError(f"decoder blocks {missing} did not run in the forward pass")
-        return out  # type: ignore[return-value]
+        self.index = keep.to(device).flatten().nonzero().squeeze(1)
+        self.buffer, self.seen = None, [False] * self.n_layers
+        try:
+            with torch.inference_mode():
+                backbone(**kwargs, use_cache=False)
+            missing = [i for i, seen in enumerate(self.seen) if not seen]
+            if missing:
+                raise RuntimeError(f"decoder blocks {missing} did not run in the forward pass")
+            return self.buffer.cpu()  # type: ignore[union-attr]
+        finally:
+            self.index = self.buffer = None
 
     def remove(self) -> None:
         for h in self.handles:

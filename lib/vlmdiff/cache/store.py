@@ -8,22 +8,19 @@ match resumes from its last whole chunk.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import zarr
+from zarr.core.sync import sync
 
 from vlmdiff.logs import Log
-
-if TYPE_CHECKING:
-    pass
-
-
 
 TOKEN_DIM, MODEL_DIM = "token", "d_model"
 HOOK_POINT = "resid_post"
@@ -36,29 +33,58 @@ _FREE = {"batch_size"}  # settings a resumed run may change without invalidating
 # of a chunk write)
 _WRITE_ALL = {"write_empty_chunks": True}
 _GROW_CHUNKS = 16  # arrays grow at least this many chunks at a time (unwritten chunks cost no disk)
-def check_finite(acts: Sequence[torch.Tensor], meta: Mapping[str, np.ndarray]) -> None:
-    for layer, x in enumerate(acts):
-        values = x.numpy()
-        if np.isfinite(values).all():
+
+
+def check_finite(acts: torch.Tensor, meta: Mapping[str, np.ndarray]) -> None:
+    """Fail naming the first layer, sample and position of `acts` `[layer, token, d]` that is
+    not finite."""
+    if bool(torch.isfinite(acts).all()):
+        return
+    for layer, x in enumerate(acts.numpy()):
+        bad = ~np.isfinite(x).all(axis=1)
+        if not bad.any():
             continue
-        i = int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])
+        i = int(np.flatnonzero(bad)[0])
         raise FloatingPointError(
             f"non-finite activation at layer {layer}, sample {int(meta['sample'][i])}, "
             f"position {int(meta['position'][i])} (after casting to {x.dtype}; "
             "if the model's output is finite, store with dtype='float32')"
         )
+
+
+class CacheWriteError(RuntimeError):
+    """A write into a store failed; the store is left unfinished."""
+
+
+def _gather(jobs: list[Awaitable[Any]]) -> None:
+    """Run zarr's async operations together: one wait on its event loop instead of one each."""
+
+    async def together() -> None:
+        await asyncio.gather(*jobs)
+
+    if jobs:
+        sync(together())
+
+
 class ChunkWriter:
     """Buffers token rows and appends them in whole chunks, so no chunk is rewritten.
 
-    Writes run on a background thread, overlapping the next forward pass; at most one write
-    is in flight, so memory stays at about two chunks. Arrays may be longer than what has
+    Writes run on a background thread (unless `background` is false), overlapping the next
+    forward pass; at most one write is in flight, so memory stays at about two chunks. A
+    failed write surfaces as `CacheWriteError` at the next `add`, `flush` or `wait`. Arrays may be longer than what has
     been written until the final flush trims them; `tokens_done` is the truth. It records
     `samples_done` / `tokens_done`: the samples whose rows are all on disk, where an
     interrupted run resumes.
     """
 
     def __init__(
-        self, group: zarr.Group, n_layers: int, chunk: int, samples_done: int, tokens_done: int
+        self,
+        group: zarr.Group,
+        n_layers: int,
+        chunk: int,
+        samples_done: int,
+        tokens_done: int,
+        background: bool = True,
     ) -> None:
         self.group = group
         names = [f"layer_{i}" for i in range(n_layers)] + list(META_DTYPES)
@@ -69,18 +95,22 @@ class ChunkWriter:
         self.pending: dict[str, list[np.ndarray]] = {n: [] for n in names}
         self.pending_rows = 0
         self.sample_ends: list[int] = []  # absolute row where each pending sample ends
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
+        self.pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
+            if background
+            else None
+        )
         self.in_flight: Future | None = None
+        self.in_flight_rows = (0, 0)
 
     @property
     def total_rows(self) -> int:
         return self.written + self.pending_rows
 
-    def add(
-        self, acts: Sequence[torch.Tensor], meta: Mapping[str, np.ndarray], counts: np.ndarray
-    ) -> None:
-        for i, x in enumerate(acts):
-            self.pending[f"layer_{i}"].append(x.numpy())
+    def add(self, acts: torch.Tensor, meta: Mapping[str, np.ndarray], counts: np.ndarray) -> None:
+        """Queue `acts` `[layer, token, d_model]` and the tokens' metadata; write whole chunks."""
+        for i, x in enumerate(acts.numpy()):
+            self.pending[f"layer_{i}"].append(x)
         for name in META_DTYPES:
             self.pending[name].append(meta[name])
         self.sample_ends += (self.total_rows + np.cumsum(counts)).tolist()
@@ -103,23 +133,41 @@ class ChunkWriter:
             self.sample_ends = self.sample_ends[finished:]
             start, self.written, self.pending_rows = self.written, target, total - target
             self.wait()
-            job = self.pool.submit(self._write, data, start, self.samples_done, tokens_done)
-            self.in_flight = job
+            args = (data, start, self.samples_done, tokens_done)
+            self.in_flight_rows = (start, target)
+            if self.pool is None:
+                self.in_flight = Future()
+                try:
+                    self.in_flight.set_result(self._write(*args))
+                except Exception as err:  # noqa: BLE001 - re-raised by wait, as from the thread
+                    self.in_flight.set_exception(err)
+            else:
+                self.in_flight = self.pool.submit(self._write, *args)
         if final:
             self.wait()
-            for array in self.arrays.values():
-                if array.shape[0] != self.written:
-                    array.resize((self.written, *array.shape[1:]))
+            resize = [
+                a.async_array.resize((self.written, *a.shape[1:]))
+                for a in self.arrays.values()
+                if a.shape[0] != self.written
+            ]
+            _gather(resize)
 
     def wait(self) -> None:
-        """Block until the write in flight is on disk; re-raises its error."""
+        """Block until the write in flight is on disk; raises `CacheWriteError` if it failed."""
         if self.in_flight is not None:
             job, self.in_flight = self.in_flight, None
-            job.result()
+            err = job.exception()
+            if err is not None:
+                start, stop = self.in_flight_rows
+                raise CacheWriteError(
+                    f"writing token rows {start}:{stop} of {self.group.store} failed: "
+                    f"{type(err).__name__}: {err}; the store is left unfinished"
+                ) from err
 
     def close(self) -> None:
         """Let the write in flight finish (also when the caller is failing) and stop the thread."""
-        self.pool.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
     def _write(
         self,
@@ -128,13 +176,16 @@ class ChunkWriter:
         samples_done: int,
         tokens_done: int | None,
     ) -> None:
-        for name, rows in data.items():
-            array, stop = self.arrays[name], start + len(rows)
+        stop = start + len(next(iter(data.values())))
+        grow = []
+        for name in data:
+            array = self.arrays[name]
             # grow in big steps, as each resize rewrites metadata; the final flush trims
             if array.shape[0] < stop:
                 size = max(stop, 2 * array.shape[0], _GROW_CHUNKS * self.chunk)
-                array.resize((size, *array.shape[1:]))
-            array[start:stop] = rows
+                grow.append(array.async_array.resize((size, *array.shape[1:])))
+        _gather(grow)
+        _gather([self.arrays[n].async_array.setitem(slice(start, stop), v) for n, v in data.items()])
         if tokens_done is not None:
             progress = {"samples_done": samples_done, "tokens_done": tokens_done}
             self.group.update_attributes(progress)

@@ -68,6 +68,7 @@ def write_cache(
     split: str | None = None,
     model_name: str | None = None,
     log_every: int = 10,
+    background_writes: bool = True,
     log: Log = print,
 ) -> dict[str, Any]:
     """Run `model` over one shard of `ds` and store every decoder block's output at `out_dir`.
@@ -77,7 +78,9 @@ def write_cache(
     `"corpus"` (LM corpus documents, formatted as for pretraining, truncated to `max_len`).
     Layer arrays are stored uncompressed unless `compress` (zstd saves only ~8% on float16
     activations and costs CPU time next to a small model). Re-running after a crash resumes
-    from `<out_dir>.partial`. Returns a summary, with seconds spent per phase.
+    from `<out_dir>.partial`. Zarr writes run on a thread beside the next forward pass unless
+    `background_writes` is false (the store is the same either way). Returns a summary, with
+    seconds spent per phase.
     """
     # the writer's imports (transformers) take seconds; readers of caches do not need them
     from vlmdiff.hooks import language_layers
@@ -141,7 +144,9 @@ def write_cache(
     model.to(dev).eval()
     backbone = getattr(model, "model", model)  # the decoder stack without the LM head
     capture = ResidCapture(layers, torch.float16 if dtype == "float16" else torch.float32)
-    writer = ChunkWriter(group, len(layers), chunk_tokens, samples_done, tokens_done)
+    writer = ChunkWriter(
+        group, len(layers), chunk_tokens, samples_done, tokens_done, background_writes
+    )
     first, n_batches = samples_done // batch_size, -(-(hi - lo) // batch_size)
     # batches keep their boundaries on resume (rows already stored are not stored again), so
     # with the same batch size a resumed run computes exactly what an uninterrupted one would
