@@ -129,9 +129,17 @@ def sparsify_trainee(init: TopKSAE, dead: Tensor | None) -> Trainee:
         sae.W_dec.copy_(init.W_dec.T)
         sae.b_dec.zero_()
     opt = torch.optim.Adam(sae.parameters(), lr=lr_for(init.d_sae))
+    return fvu_trainee("sparsify", sae, opt, lambda x: sae(x, dead_mask=dead))
+
+
+def fvu_trainee(label: str, sae: Any, opt: torch.optim.Optimizer,
+                forward: Callable[[Tensor], Any]) -> Trainee:
+    """The step sparsify's trainer takes (FVU + AuxK, decoder-parallel gradient removed, unit
+    decoder columns), for any SAE with sparsify's method names: sparsify's own, or vlmdiff's
+    from an older checkout."""
 
     def step(x: Tensor) -> None:
-        out = sae(x, dead_mask=dead)
+        out = forward(x)
         loss = out.fvu + AUXK_ALPHA * out.auxk_loss
         loss.item()
         opt.zero_grad(set_to_none=True)
@@ -145,7 +153,7 @@ def sparsify_trainee(init: TopKSAE, dead: Tensor | None) -> Trainee:
         acts, indices, _ = sae.encode(x)
         return sae.decode(acts, indices)
 
-    return Trainee("sparsify", step, reconstruct)
+    return Trainee(label, step, reconstruct)
 
 
 def saelens_trainee(init: TopKSAE, dead: Tensor | None) -> Trainee:
@@ -204,23 +212,8 @@ def baseline_builder(label: str, lib: Path) -> Callable[[TopKSAE, Tensor | None]
             opt = training.make_optimiser(sae, lr_for(init.d_sae))
         else:
             opt = torch.optim.Adam(sae.parameters(), lr=lr_for(init.d_sae))
-
-        def step(x: Tensor) -> None:
-            out = sae(x, dead_mask=dead, loss_mask=torch.ones(x.shape[0], dtype=torch.bool))
-            loss = out.fvu + AUXK_ALPHA * out.auxk_loss
-            loss.item()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sae.remove_gradient_parallel_to_decoder_directions()
-            opt.step()
-            sae.set_decoder_norm_to_unit_norm()
-
-        @torch.no_grad()
-        def reconstruct(x: Tensor) -> Tensor:
-            acts, indices, _ = sae.encode(x)
-            return sae.decode(acts, indices)
-
-        return Trainee(label, step, reconstruct)
+        return fvu_trainee(label, sae, opt, lambda x: sae(
+            x, dead_mask=dead, loss_mask=torch.ones(x.shape[0], dtype=torch.bool)))
 
     return build
 
