@@ -112,7 +112,7 @@ class FeatureEvidence:
 
 
 def read_evidence(folder: str | Path) -> list[FeatureEvidence]:
-    """The evidence of every feature written by `write_evidence`."""
+    """The evidence of every feature written by `autointerp_evidence_job`."""
     path = Path(folder) / EVIDENCE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no evidence file (run the autointerp_evidence rule)")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from vlmdiff.files import atomic_dir, atomic_path
+from vlmdiff.files import atomic_dir
 from vlmdiff.interp.evidence import (
     EVIDENCE_FILE,
     SOURCES,
@@ -124,94 +124,73 @@ def autointerp_evidence_job(
     out: Mapping[str, str | Path],
     log: Log = print,
 ) -> list[FeatureEvidence]:
-    """The `autointerp_evidence` rule: `write_evidence` into the folder `out["evidence"]`,
-    which appears only once complete."""
-    with atomic_dir(out["evidence"]) as tmp:
-        return write_evidence(vlm_dir, val_path, spatial_path, vsr_path, stats_paths,
-                              selected_path, features_path, sae_dirs, attribution_path, tmp,
-                              settings, log)
-
-
-def write_evidence(
-    vlm_dir: str | Path,
-    val_path: str | Path,
-    spatial_path: str | Path,
-    vsr_path: str | Path,
-    stats_paths: Sequence[str | Path],
-    selected_path: str | Path,
-    features_path: str | Path,
-    sae_dirs: Mapping[int, str | Path],
-    attribution_path: str | Path,
-    out_dir: str | Path,
-    settings: EvidenceSettings,
-    log: Log = print,
-) -> list[FeatureEvidence]:
-    """Samples, pictures, token activations and heat maps of each feature with a page, into
-    `out_dir` (`evidence.json`, `img/`, `acts/`, `overlay/`): the described ones first."""
-    from vlmdiff.causal.context import feature_label
-    from vlmdiff.causal.heads import head_label
+    """The `autointerp_evidence` rule: samples, pictures, token activations and heat maps of
+    each feature with a page, into the folder `out["evidence"]` (`evidence.json`, `img/`,
+    `acts/`, `overlay/`; the described features first), which appears only once complete."""
+    from vlmdiff.causal.heads import feature_label, head_label
     from vlmdiff.features.lexical import sample_maxima
     from vlmdiff.features.selection import top_samples
     from vlmdiff.interp.logit_effects import logit_effects, unembedding
     from vlmdiff.models.build import load_vlm, resolve_device
     from vlmdiff.sae.topk import TopKSAE
 
-    out = Path(out_dir)
-    contrasts, variant = settings.contrasts, settings.variant
-    k, batch_size = settings.k, settings.batch_size
-    described = autointerp_features(selected_path, contrasts, settings.max_features)
-    table = page_features(described, features_path, contrasts, settings.set_members)
-    keys = [(int(a), int(b)) for a, b in zip(table["layer"], table["feature"], strict=True)]
-    log(f"{len(described)} feature(s) of {list(contrasts)} for auto-interpretation, "
-        f"{len(keys)} with a page")
-    result: list[FeatureEvidence] = []
-    if keys:
-        dev = resolve_device(settings.device)
-        model, processor = load_vlm(Path(vlm_dir), dev)
-        sources = _Sources(val_path, spatial_path, vsr_path, settings.template)
-        by_layer: dict[int, list[int]] = {}
-        for layer, f in keys:
-            by_layer.setdefault(layer, []).append(f)
-        saes = {layer: TopKSAE.load(sae_dirs[layer], device=dev) for layer in by_layer}
-        depth = k + settings.holdout * settings.quantiles
-        stats_top = {split: top_samples(stats_paths, split, table, depth)
-                     for split in ("val", "spatial")}
-        best = {name: sample_maxima(model, processor, sources.data[name].select_columns(
-            ["question", "image"]), by_layer, saes, batch_size=batch_size, device=dev)
-            for name in ("VSR", "VQA")}
-        with xr.open_dataset(attribution_path) as ds:
-            attribution = ds.load()
-        w_u = unembedding(model)
-        rng = np.random.default_rng(settings.seed)
-        page_rng = np.random.default_rng([settings.seed, 1])
-        for row, (layer, f) in zip(table.itertuples(index=False), keys, strict=True):
-            label, j = feature_label(layer, f), by_layer[layer].index(f)
-            ranked = _ranked(stats_top, best["VSR"][layer][:, j], (layer, f), sources)
-            heads = feature_heads(attribution, label, variant, settings.n_heads)
-            samples = _describe_rows(model, processor, sources,
-                                     interleave(ranked, depth if row.described else k),
-                                     layer, f, saes[layer], batch_size, dev)
-            ev = FeatureEvidence(label, layer, f, str(row.contrast), int(row.rank),
-                                 [head_label(*h) for h in heads], samples[:k], [], [],
-                                 logit_effects(w_u, saes[layer].feature_directions()[f],
-                                               processor.tokenizer),
-                                 described=bool(row.described), sets=list(row.sets))
-            if row.described:
-                _validation_samples(ev, samples, ranked, best["VQA"][layer][:, j], settings,
-                                    model, processor, sources, saes[layer], rng, dev)
-            _page_samples(ev, best["VQA"][layer][:, j], settings, model, processor, sources,
-                          saes[layer], page_rng, dev)
-            _draw(ev, heads, model, processor, sources, out, dev, saes[layer])
-            result.append(ev)
-            log(f"{label}: {len(ev.examples)} example(s), {len(ev.positives)} held-out "
-                f"positive(s), {len(ev.negatives)} random and {len(ev.hard_negatives)} hard "
-                f"negative(s), {len(ev.quantile_examples)} quantile example(s), firing density "
-                f"{ev.histogram['density']:.3f}, heads {ev.heads or 'none'}")
-    doc = {"features": [asdict(e) for e in result], "sources": list(SOURCES),
-           "attribution_variant": variant}
-    with atomic_path(out / EVIDENCE_FILE) as tmp:
-        tmp.write_text(json.dumps(doc, indent=1))
-    return result
+    with atomic_dir(out["evidence"]) as tmp:
+        folder = Path(tmp)
+        contrasts, variant = settings.contrasts, settings.variant
+        k, batch_size = settings.k, settings.batch_size
+        described = autointerp_features(selected_path, contrasts, settings.max_features)
+        table = page_features(described, features_path, contrasts, settings.set_members)
+        keys = [(int(a), int(b)) for a, b in zip(table["layer"], table["feature"], strict=True)]
+        log(f"{len(described)} feature(s) of {list(contrasts)} for auto-interpretation, "
+            f"{len(keys)} with a page")
+        result: list[FeatureEvidence] = []
+        if keys:
+            dev = resolve_device(settings.device)
+            model, processor = load_vlm(Path(vlm_dir), dev)
+            sources = _Sources(val_path, spatial_path, vsr_path, settings.template)
+            by_layer: dict[int, list[int]] = {}
+            for layer, f in keys:
+                by_layer.setdefault(layer, []).append(f)
+            saes = {layer: TopKSAE.load(sae_dirs[layer], device=dev) for layer in by_layer}
+            depth = k + settings.holdout * settings.quantiles
+            stats_top = {split: top_samples(stats_paths, split, table, depth)
+                         for split in ("val", "spatial")}
+            best = {name: sample_maxima(model, processor, sources.data[name].select_columns(
+                ["question", "image"]), by_layer, saes, batch_size=batch_size, device=dev)
+                for name in ("VSR", "VQA")}
+            with xr.open_dataset(attribution_path) as ds:
+                attribution = ds.load()
+            w_u = unembedding(model)
+            rng = np.random.default_rng(settings.seed)
+            page_rng = np.random.default_rng([settings.seed, 1])
+            for row, (layer, f) in zip(table.itertuples(index=False), keys, strict=True):
+                label, j = feature_label(layer, f), by_layer[layer].index(f)
+                ranked = _ranked(stats_top, best["VSR"][layer][:, j], (layer, f), sources)
+                heads = feature_heads(attribution, label, variant, settings.n_heads)
+                samples = _describe_rows(model, processor, sources,
+                                         interleave(ranked, depth if row.described else k),
+                                         layer, f, saes[layer], batch_size, dev)
+                ev = FeatureEvidence(label, layer, f, str(row.contrast), int(row.rank),
+                                     [head_label(*h) for h in heads], samples[:k], [], [],
+                                     logit_effects(w_u, saes[layer].feature_directions()[f],
+                                                   processor.tokenizer),
+                                     described=bool(row.described), sets=list(row.sets))
+                if row.described:
+                    _validation_samples(ev, samples, ranked, best["VQA"][layer][:, j], settings,
+                                        model, processor, sources, saes[layer], rng, dev)
+                _page_samples(ev, best["VQA"][layer][:, j], settings, model, processor, sources,
+                              saes[layer], page_rng, dev)
+                _draw(ev, heads, model, processor, sources, folder, dev, saes[layer])
+                result.append(ev)
+                log(f"{label}: {len(ev.examples)} example(s), {len(ev.positives)} held-out "
+                    f"positive(s), {len(ev.negatives)} random and {len(ev.hard_negatives)} hard "
+                    f"negative(s), {len(ev.quantile_examples)} quantile example(s), firing density "
+                    f"{ev.histogram['density']:.3f}, heads {ev.heads or 'none'}")
+        doc = {"features": [asdict(e) for e in result], "sources": list(SOURCES),
+               "attribution_variant": variant}
+        (folder / EVIDENCE_FILE).write_text(json.dumps(doc, indent=1))
+        return result
+
 
 
 def _validation_samples(ev: FeatureEvidence, samples: Sequence[Sample],
