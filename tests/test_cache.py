@@ -11,7 +11,7 @@ import torch
 import yaml
 import zarr
 from datasets import Dataset, Features, Sequence, Value
-from vlmdiff.cache.read import iter_batches, iter_samples, open_cache, token_mask
+from vlmdiff.cache.read import CacheReadError, iter_batches, iter_samples, open_cache, token_mask
 from vlmdiff.cache.store import CacheWriteError, ChunkWriter
 from vlmdiff.cache.write import _prefetched, write_cache
 from vlmdiff.hooks import language_layers
@@ -457,6 +457,39 @@ def test_read_errors_name_path_and_layer(tmp_path, vqa_cache):
         with pytest.raises(ValueError, match=f"{broken}.*incomplete"):
             read(broken)
 
+
+def _damage(path: Path, how: str) -> None:
+    if how == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "flip":
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 3] ^= 0x10
+        path.write_bytes(bytes(raw))
+    else:
+        path.unlink()
+
+
+# a deleted metadata chunk is not damage zarr can see: one equal to the fill value (an all-text
+# `is_image`) is never written
+@pytest.mark.parametrize(
+    ("how", "array"),
+    [(how, a) for how in ("truncate", "flip") for a in ("layer_1", "is_image", "sample")]
+    + [("delete", "layer_1")],
+)
+def test_damaged_chunk_fails_naming_store_and_chunk(tmp_path, vqa_cache, how, array):
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(vqa_cache, damaged)
+    chunk = damaged / array / "c" / ("1/0" if array.startswith("layer") else "1")
+    _damage(chunk, how)
+    layer = 1 if array.startswith("layer") else 0
+    where = "chunk file" if how == "delete" else "rows 64:128"
+    readers = [lambda: list(iter_samples(damaged, layer))]
+    if array != "sample":  # batches read no sample ids
+        readers.append(lambda: list(iter_batches([damaged], layer, 16)))
+    for read in readers:
+        with pytest.raises(CacheReadError, match=f"{damaged}.*{array}.*damaged") as err:
+            read()
+        assert where in str(err.value)
 
 def test_write_errors(tmp_path, lm, vlm, vqa, corpus, tokenizer, processor):
     with pytest.raises(ValueError, match="mode"):

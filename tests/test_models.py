@@ -9,9 +9,11 @@ from vlmdiff.hooks import language_layers
 from vlmdiff.inputs import IGNORE, Encoded, collate, encode_corpus, encode_vqa, user_prompt
 from vlmdiff.models.build import (
     POSITION_CODE_KEY,
+    ModelLoadError,
     build_lm,
     build_vlm,
     image_position_table,
+    load_lm,
     load_vlm,
     make_processor,
     projector,
@@ -92,6 +94,26 @@ def test_save_load_generate(tiny, tmp_path):
     assert out.shape[1] == batch["input_ids"].shape[1] + 2
     with torch.no_grad():
         assert torch.allclose(model(**batch).logits, vlm.eval()(**batch).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("file", "damage"),
+    [("config.json", "truncate"), ("config.json", "flip"), ("model.safetensors", "truncate"),
+     ("model.safetensors", "flip")],
+)
+@pytest.mark.parametrize("which", ["lm", "vlm"])
+def test_damaged_model_folder_fails_naming_it(tiny, tmp_path, which, file, damage):
+    tok, lm, vlm, proc, size = tiny
+    out = tmp_path / which
+    save_atomic([lm, tok] if which == "lm" else [vlm, proc], out)
+    raw = bytearray((out / file).read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    else:  # a byte of the JSON structure, or of the safetensors header
+        raw[raw.index(b'"')] ^= 0x80
+    (out / file).write_bytes(bytes(raw))
+    with pytest.raises(ModelLoadError, match=f"{out}: the saved {which.upper()} cannot be loaded"):
+        (load_lm if which == "lm" else load_vlm)(out)
 
 
 def test_stage1_freezes_language_model(tiny):

@@ -41,18 +41,58 @@ class SampleBlock(NamedTuple):
     """Activations `[n_tokens, d_model]`, float32."""
 
 
+class CacheReadError(ValueError):
+    """A finished cache is damaged: a chunk is missing, truncated or fails its checksum."""
+
+
+_DAMAGED = "the store is damaged; delete it and re-run the job that wrote it"
+
+
 def open_store(path: str | Path) -> zarr.Group:
-    """The zarr group of a finished cache; fails naming the path if it is missing or partial."""
+    """The zarr group of a finished cache; fails naming the path if it is missing, partial, or
+    lacks a chunk file."""
     path = Path(path)
     if not (path / "zarr.json").is_file():
         hint = ""
         if path.with_name(path.name + PARTIAL).exists():
             hint = f" (an unfinished write is at {path.name}{PARTIAL}; re-run its job)"
         raise FileNotFoundError(f"no activation cache at {path}{hint}")
-    group = zarr.open_group(path, mode="r", zarr_format=3)
-    if group.attrs.get("complete") is not True:
+    try:
+        group = zarr.open_group(path, mode="r", zarr_format=3)
+        attrs = dict(group.attrs)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CacheReadError(f"activation cache {path}: metadata cannot be read ({e}); {_DAMAGED}") from e
+    if attrs.get("complete") is not True:
         raise ValueError(f"activation cache {path} is incomplete: attribute complete is not true")
+    _check_chunk_files(path, group)
     return group
+
+
+def _check_chunk_files(path: Path, group: zarr.Group) -> None:
+    # zarr reads a missing chunk as its fill value (zeros), which would pass for activations;
+    # activation chunks are never all zeros, so each is on disk (metadata chunks equal to the
+    # fill value, like an all-text `is_image`, may be absent)
+    for name, array in group.arrays():
+        if not name.startswith("layer_"):
+            continue
+        for i in range(-(-array.shape[0] // array.chunks[0])):
+            key = "/".join(["c", str(i), *("0" * (array.ndim - 1))])
+            if not (path / name / key).is_file():
+                raise CacheReadError(
+                    f"activation cache {path}: chunk file {name}/{key} is missing; {_DAMAGED}"
+                )
+
+
+def read_rows(array: zarr.Array, lo: int, hi: int, path: str | Path = "") -> np.ndarray:
+    """Rows `[lo, hi)` of a cache array; a chunk that fails to decode (truncated, or failing
+    its checksum) raises `CacheReadError` naming the store, array and rows."""
+    try:
+        return array[lo:hi]
+    except Exception as e:
+        raise CacheReadError(
+            f"activation cache {path}: {array.basename} rows {lo}:{hi} cannot be read "
+            f"({type(e).__name__}: {e}); {_DAMAGED}"
+        ) from e
 
 
 def layer_array(group: zarr.Group, layer: int, path: str | Path = "") -> zarr.Array:
@@ -111,13 +151,13 @@ def iter_batches(
     stores = []
     for path in paths:
         group = open_store(path)
-        stores.append((layer_array(group, layer, path), group["is_image"]))
-    widths = {acts.shape[1] for acts, _ in stores}
+        stores.append((layer_array(group, layer, path), group["is_image"], path))
+    widths = {acts.shape[1] for acts, _, _ in stores}
     if len(widths) > 1:
         raise ValueError(f"activation caches differ in d_model: {sorted(widths)}")
     units = [
         (s, lo, min(lo + acts.chunks[0], acts.shape[0]))
-        for s, (acts, _) in enumerate(stores)
+        for s, (acts, _, _) in enumerate(stores)
         for lo in range(0, acts.shape[0], acts.chunks[0])
     ]
     per_pass = sum(hi - lo for _, lo, hi in units)
@@ -131,7 +171,7 @@ def iter_batches(
 
 
 def _buffers(
-    stores: Sequence[tuple[zarr.Array, zarr.Array]],
+    stores: Sequence[tuple[zarr.Array, zarr.Array, str | Path]],
     units: Sequence[_Unit],
     buffer_chunks: int,
     regime: str,
@@ -167,7 +207,7 @@ def _buffers(
 
 
 def _read_units(
-    stores: Sequence[tuple[zarr.Array, zarr.Array]], units: Sequence[_Unit], n: int
+    stores: Sequence[tuple[zarr.Array, zarr.Array, str | Path]], units: Sequence[_Unit], n: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Activations and `is_image` of some chunks, read into one array each."""
     first = stores[units[0][0]][0]
@@ -175,8 +215,9 @@ def _read_units(
     is_image = np.empty(n, dtype=bool)
     at = 0
     for s, lo, hi in units:
-        acts[at : at + hi - lo] = stores[s][0][lo:hi]
-        is_image[at : at + hi - lo] = stores[s][1][lo:hi]
+        layer, image, path = stores[s]
+        acts[at : at + hi - lo] = read_rows(layer, lo, hi, path)
+        is_image[at : at + hi - lo] = read_rows(image, lo, hi, path)
         at += hi - lo
     return acts, is_image
 
@@ -228,8 +269,8 @@ def iter_sample_chunks(path: str | Path, layer: int) -> Iterator[dict[str, np.nd
     carry: dict[str, np.ndarray] | None = None
     for lo in range(0, n, step):
         hi = min(lo + step, n)
-        block = {name: group[name][lo:hi] for name in names}
-        block["acts"] = acts[lo:hi]
+        block = {name: read_rows(group[name], lo, hi, path) for name in names}
+        block["acts"] = read_rows(acts, lo, hi, path)
         if carry is not None:
             block = {name: np.concatenate([carry[name], block[name]]) for name in block}
         if hi == n:

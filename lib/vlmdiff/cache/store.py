@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
 from vlmdiff.logs import Log
@@ -33,6 +34,12 @@ _FREE = {"batch_size"}  # settings a resumed run may change without invalidating
 # of a chunk write)
 _WRITE_ALL = {"write_empty_chunks": True}
 _GROW_CHUNKS = 16  # arrays grow at least this many chunks at a time (unwritten chunks cost no disk)
+
+
+def _codecs(compress: bool) -> tuple[Any, ...]:
+    # a CRC32C per chunk, so that a truncated or bit-flipped chunk fails when read instead of
+    # feeding wrong activations on
+    return (ZstdCodec(level=0), Crc32cCodec()) if compress else (Crc32cCodec(),)
 
 
 def check_finite(acts: torch.Tensor, meta: Mapping[str, np.ndarray]) -> None:
@@ -202,7 +209,7 @@ def create_store(path: Path, attrs: Mapping[str, Any]) -> zarr.Group:
             shape=(capacity, d_model),
             chunks=(chunk, d_model),
             dtype=attrs["dtype"],
-            compressors="auto" if attrs["compress"] else None,
+            compressors=_codecs(attrs["compress"]),
             dimension_names=(TOKEN_DIM, MODEL_DIM),
             config=_WRITE_ALL,
         )
@@ -212,6 +219,7 @@ def create_store(path: Path, attrs: Mapping[str, Any]) -> zarr.Group:
             shape=(capacity,),
             chunks=(chunk,),
             dtype=dt,
+            compressors=_codecs(False),
             dimension_names=(TOKEN_DIM,),
             config=_WRITE_ALL,
         )

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import (
@@ -28,6 +28,8 @@ try:  # transformers >= 5 names the PIL-only backend explicitly; torchvision is 
     from transformers import CLIPImageProcessorPil as _ImageProcessor
 except ImportError:  # pragma: no cover - older transformers
     from transformers import CLIPImageProcessor as _ImageProcessor
+
+_T = TypeVar("_T")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -256,8 +258,11 @@ def load_lm(
 
     path = _existing(path)
     kwargs = _kwargs(attn_implementation, None)
-    model = LlamaForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    model, tokenizer = _loading(
+        path, "LM", lambda: (LlamaForCausalLM.from_pretrained(path, **kwargs),
+                             AutoTokenizer.from_pretrained(path))
+    )
+    return model.to(device).eval(), tokenizer
 
 
 def load_vlm(
@@ -269,14 +274,34 @@ def load_vlm(
     """The VLM (with its image position code, if it has one) and its processor."""
     path = _existing(path)
     kwargs = _kwargs(attn_implementation, dtype)
-    model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
+    model, processor = _loading(
+        path, "VLM", lambda: (LlavaForConditionalGeneration.from_pretrained(path, **kwargs),
+                              AutoProcessor.from_pretrained(path))
+    )
     attach_image_position_code(model)
-    return model.to(device).eval(), AutoProcessor.from_pretrained(path)
+    return model.to(device).eval(), processor
 
 
 def load_vision_tower(path: Path) -> CLIPVisionModel:
     """A vision tower saved by the `pretrain_vision` rule."""
-    return CLIPVisionModel.from_pretrained(_existing(path)).eval()
+    path = _existing(path)
+    return _loading(path, "vision tower", lambda: CLIPVisionModel.from_pretrained(path)).eval()
+
+
+class ModelLoadError(OSError):
+    """A saved model folder cannot be loaded: a file in it is truncated or malformed."""
+
+
+def _loading(path: Path, what: str, load: Callable[[], _T]) -> _T:
+    from safetensors import SafetensorError
+
+    try:
+        return load()
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ModelLoadError(
+            f"{path}: the saved {what} cannot be loaded ({type(e).__name__}: {e}); "
+            "delete the folder and re-run the job that wrote it"
+        ) from e
 
 
 def _kwargs(attn_implementation: str | None, dtype: torch.dtype | None) -> dict[str, Any]:

@@ -446,8 +446,11 @@ def _save_checkpoint(
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:  # a failed write (a full disk) leaves the last whole checkpoint and no litter
+        tmp.unlink(missing_ok=True)
 
 
 def _load_checkpoint(
@@ -463,7 +466,9 @@ def _load_checkpoint(
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"checkpoint {path} cannot be read: {e}") from e
+        raise ValueError(
+            f"checkpoint {path} cannot be read ({e}); delete it to train from the start"
+        ) from e
     if (payload["layer"], payload["regime"]) != (layer, regime):
         raise ValueError(
             f"checkpoint {path} is for layer {payload['layer']} regime {payload['regime']!r}, "
