@@ -39,3 +39,19 @@ def test_save_atomic_and_write_table_leave_nothing_on_failure(tmp_path):
     with pytest.raises(ValueError, match=r"\.parquet or \.csv"):
         write_table(pd.DataFrame({"a": [1]}), tmp_path / "t.json")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_temporaries_a_killed_job_left_are_removed_on_the_next_write(tmp_path):
+    # what a SIGKILLed job leaves: its temporary names, under another process id
+    (tmp_path / ".table.tmp99999.csv").write_text("partial")
+    (tmp_path / ".model.tmp99999").mkdir()
+    (tmp_path / ".model.tmp99999" / "weights").write_text("partial")
+    (tmp_path / ".other.tmp99999.csv").write_text("someone else's")
+    write_table(pd.DataFrame({"a": [1]}), tmp_path / "table.csv")
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "weights").write_text("whole")
+    with atomic_dir(tmp_path / "model") as tmp:  # a rewrite swaps the old folder out
+        (tmp / "weights").write_text("whole again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp99999.csv", "model",
+                                                         "table.csv"]
+    assert (tmp_path / "model" / "weights").read_text() == "whole again"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,12 +15,23 @@ import pandas as pd
 import xarray as xr
 
 
+def _temporary_name(path: Path, suffix: str = "") -> Path:
+    """This process's temporary name beside `path`, after removing any a killed job left."""
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    for stale in path.parent.glob(f".{glob.escape(stem)}.tmp*{glob.escape(suffix)}"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+    return path.with_name(f".{stem}.tmp{os.getpid()}{suffix}")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary name beside `path` (same suffix) to write to; renamed to `path` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    tmp = _temporary_name(path, path.suffix)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -48,19 +61,21 @@ def write_netcdf(data: xr.Dataset | xr.DataArray, path: str | os.PathLike) -> Pa
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary folder beside `path` to fill; it replaces `path` on success."""
-    import shutil
-
+    """A temporary folder beside `path` to fill; it replaces `path` on success, swapped in so
+    that no half folder ever shows under the name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _temporary_name(path)
     tmp.mkdir()
     try:
         yield tmp
         if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            old = _temporary_name(path.with_name(f"{path.name}.old"))
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -30,8 +30,10 @@ def save(fig: plt.Figure, png: str | Path, pdf: str | Path | None = None) -> Non
     """Write the figure as PNG (and PDF), tight, each atomically, then close it."""
     png = Path(png)
     for path in (png, Path(pdf or png.with_suffix(".pdf"))):
+        # no creation date in the PDF, so that one seed gives the same bytes every run
+        meta = {"CreationDate": None} if path.suffix == ".pdf" else None
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, bbox_inches="tight")
+            fig.savefig(tmp, bbox_inches="tight", metadata=meta)
     plt.close(fig)
 
 

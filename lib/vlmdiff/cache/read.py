@@ -6,6 +6,7 @@ of a store. `TOKEN_SETS` are the token masks a reader can select (`token_mask`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -16,6 +17,9 @@ import xarray as xr
 import zarr
 
 from vlmdiff.cache.store import META_DTYPES, PARTIAL
+
+# Snakemake marks a finished directory output with this file, which zarr warns about on every read
+warnings.filterwarnings("ignore", message=r"Object at \.snakemake_timestamp is not recognized")
 
 _Unit = tuple[int, int, int]  # (store, first row, row after the last) of one chunk
 

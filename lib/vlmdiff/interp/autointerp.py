@@ -400,7 +400,8 @@ def autointerp_job(
                 records[ev.label, variant] = {**json.loads(path.read_text()), "cached": True}
             else:
                 todo.append((ev, variant, path))
-    log(f"auto-interp with {name} ({model}): {len(records)} of {len(evs) * len(out)} "
+    resuming = "resuming from its cache, " if records else ""
+    log(f"auto-interp with {name} ({model}): {resuming}{len(records)} of {len(evs) * len(out)} "
         f"(feature, variant) pair(s) cached, {len(todo)} to ask")
     run_usage = {v: {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0} for v in out}
     if todo:

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from vlmdiff.files import atomic_dir
 from vlmdiff.sae import sparse
 
 HYPERPARAMS_FILE = "hyperparams.json"
@@ -300,15 +298,10 @@ class TopKSAE(nn.Module):
         }
         tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
 
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
+        with atomic_dir(folder) as tmp:
             (tmp / "checkpoints").mkdir(parents=True)
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
             (tmp / HYPERPARAMS_FILE).write_text(json.dumps(hyperparams, indent=2) + "\n")
-            _replace_dir(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
     def load(
@@ -476,17 +469,6 @@ def _read_tensors(path: Path, d_model: int, d_sae: int) -> dict[str, Tensor]:
                 )
             out[name] = t.float()
     return out
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move `src` to `dst`; an existing `dst` is swapped out first, so no half folder shows."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def estimate_norm_factor(activations: Tensor) -> float:

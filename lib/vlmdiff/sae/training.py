@@ -7,9 +7,7 @@ the `loss_mask` of each batch selects; the SAE always encodes every token.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -20,14 +18,14 @@ import torch
 from torch import Tensor
 
 from vlmdiff import config
-from vlmdiff.sae.topk import ForwardOutput, TopKSAE
-
-CHECKPOINT_FILE = "train_state.pt"
-
-# Fields that may change between a run and its resumption without breaking reproducibility.
-_RESUMABLE_CHANGES = frozenset(
-    {"max_tokens", "eval_every_tokens", "checkpoint_every_tokens", "device", "log_interval_s"}
+from vlmdiff.sae.checkpoint import (
+    CHECKPOINT_FILE,
+    TrainState,
+    load_checkpoint,
+    next_multiple,
+    save_checkpoint,
 )
+from vlmdiff.sae.topk import ForwardOutput, TopKSAE
 
 
 class Batch(NamedTuple):
@@ -113,22 +111,6 @@ class TrainResult:
     """Loss tokens already done by the checkpoint this run resumed from (0 if fresh)."""
 
 
-@dataclass
-class _State:
-    step: int
-    tokens_seen: int
-    next_batch: int
-    """Index of the next incoming batch to read."""
-    next_chunk: int
-    """Chunk of that batch to start at; resumption can fall inside a batch."""
-    tokens_since_fired: Tensor
-    history: list[dict[str, Any]]
-    next_eval: int
-    next_checkpoint: int | None
-    interval_fvu: float = 0.0
-    interval_steps: int = 0
-
-
 @torch.no_grad()
 def evaluate(
     sae: TopKSAE, batches: Iterable[Batch], *, device: torch.device | str | None = None
@@ -186,7 +168,7 @@ def train_sae(
     counters and RNG state are restored from it, and `batches` is read from its beginning with
     the batches the checkpoint had consumed skipped (read, not trained on). So `batches` must
     yield the same sequence on every call, e.g. a deterministic reader over cached shards. Only
-    `_RESUMABLE_CHANGES` fields of `cfg` may differ from the checkpointed run; raising
+    `RESUMABLE_CHANGES` fields of `cfg` may differ from the checkpointed run; raising
     `max_tokens` continues a finished run.
     """
     device = _resolve_device(cfg.device)
@@ -198,7 +180,7 @@ def train_sae(
     sae.set_decoder_norm_to_unit_norm()
     tag = f"[layer {layer} {regime}]"
 
-    state = _State(
+    state = TrainState(
         step=0,
         tokens_seen=0,
         next_batch=0,
@@ -210,7 +192,7 @@ def train_sae(
     )
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     if ckpt_path is not None and ckpt_path.exists():
-        state = _load_checkpoint(ckpt_path, sae, opt, cfg, layer, regime, device)
+        state = load_checkpoint(ckpt_path, sae, opt, cfg, layer, regime, device)
         log(f"{tag} resuming from {ckpt_path} at step {state.step}, {state.tokens_seen:,} tokens")
     resumed_from = state.tokens_seen
 
@@ -313,15 +295,15 @@ def train_sae(
 
             if state.tokens_seen >= state.next_eval:
                 record()
-                state.next_eval = _next_multiple(state.tokens_seen, cfg.eval_every_tokens)
+                state.next_eval = next_multiple(state.tokens_seen, cfg.eval_every_tokens)
             if (
                 ckpt_path is not None
                 and state.next_checkpoint is not None
                 and cfg.checkpoint_every_tokens is not None
                 and state.tokens_seen >= state.next_checkpoint
             ):
-                _save_checkpoint(ckpt_path, sae, opt, state, cfg, layer, regime)
-                state.next_checkpoint = _next_multiple(
+                save_checkpoint(ckpt_path, sae, opt, state, cfg, layer, regime)
+                state.next_checkpoint = next_multiple(
                     state.tokens_seen, cfg.checkpoint_every_tokens
                 )
             if finished():
@@ -331,7 +313,7 @@ def train_sae(
     if state.history[-1]["tokens_seen"] != state.tokens_seen:
         record()
     if ckpt_path is not None:
-        _save_checkpoint(ckpt_path, sae, opt, state, cfg, layer, regime)
+        save_checkpoint(ckpt_path, sae, opt, state, cfg, layer, regime)
     elapsed = time.monotonic() - t0
     log(
         f"{tag} done: {state.step} steps, {state.tokens_seen:,} tokens "
@@ -380,7 +362,7 @@ def _step(
     x: Tensor,
     m: Tensor,
     n_loss: int,
-    state: _State,
+    state: TrainState,
     cfg: TrainConfig,
     layer: int,
     regime: str,
@@ -407,99 +389,8 @@ def _step(
     return loss_value, fvu, out.auxk_loss.item()
 
 
-def _dead_fraction(state: _State, cfg: TrainConfig) -> float:
+def _dead_fraction(state: TrainState, cfg: TrainConfig) -> float:
     return float((state.tokens_since_fired >= cfg.dead_tokens_threshold).float().mean())
-
-
-def _next_multiple(tokens: int, every: int) -> int:
-    """The first multiple of `every` above `tokens`."""
-    return (tokens // every + 1) * every
-
-
-def _save_checkpoint(
-    path: Path,
-    sae: TopKSAE,
-    opt: torch.optim.Optimizer,
-    state: _State,
-    cfg: TrainConfig,
-    layer: int,
-    regime: str,
-) -> None:
-    """Write the full training state to `path` via a temporary file and `os.replace`."""
-    payload = {
-        "sae": {name: t.detach().cpu() for name, t in sae.state_dict().items()},
-        "k": sae.k,
-        "optimizer": opt.state_dict(),
-        "state": {
-            f.name: getattr(state, f.name)
-            for f in dataclasses.fields(state)
-            if f.name != "tokens_since_fired"
-        },
-        "tokens_since_fired": state.tokens_since_fired.cpu(),
-        "rng": {
-            "cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        },
-        "cfg": dataclasses.asdict(cfg),
-        "layer": layer,
-        "regime": regime,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:  # a failed write (a full disk) leaves the last whole checkpoint and no litter
-        tmp.unlink(missing_ok=True)
-
-
-def _load_checkpoint(
-    path: Path,
-    sae: TopKSAE,
-    opt: torch.optim.Optimizer,
-    cfg: TrainConfig,
-    layer: int,
-    regime: str,
-    device: torch.device,
-) -> _State:
-    """Restore SAE, optimiser and RNG from `path`; refuse one written for another run."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"checkpoint {path} cannot be read ({e}); delete it to train from the start"
-        ) from e
-    if (payload["layer"], payload["regime"]) != (layer, regime):
-        raise ValueError(
-            f"checkpoint {path} is for layer {payload['layer']} regime {payload['regime']!r}, "
-            f"not layer {layer} regime {regime!r}"
-        )
-    saved, now = payload["cfg"], dataclasses.asdict(cfg)
-    changed = sorted(
-        key
-        for key in now.keys() | saved.keys()
-        if key not in _RESUMABLE_CHANGES and saved.get(key) != now.get(key)
-    )
-    if changed:
-        diffs = ", ".join(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in changed)
-        raise ValueError(f"checkpoint {path} was written with a different config ({diffs})")
-
-    sae.load_state_dict(payload["sae"])
-    sae.k = payload["k"]
-    opt.load_state_dict(payload["optimizer"])
-    torch.set_rng_state(payload["rng"]["cpu"])
-    if payload["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
-
-    state = _State(**payload["state"], tokens_since_fired=payload["tokens_since_fired"].to(device))
-    # Periods may differ from the checkpointed run's; every trigger fired before saving.
-    state.next_eval = _next_multiple(state.tokens_seen, cfg.eval_every_tokens)
-    state.next_checkpoint = (
-        _next_multiple(state.tokens_seen, cfg.checkpoint_every_tokens)
-        if cfg.checkpoint_every_tokens is not None
-        else None
-    )
-    return state
 
 
 def _resolve_device(device: str) -> torch.device:

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets import Features, Value
 
+from vlmdiff.files import atomic_path
 from vlmdiff.logs import Log
 from vlmdiff.world import layouts
 from vlmdiff.world.layouts import VQA_COLUMNS, keyword_mask, vqa_features
@@ -94,21 +95,16 @@ def _write_rows(
 ) -> int:
     """The rows `index` names (`file`, `row`), read file by file, written in `index` order."""
     schema = features.arrow_schema
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     order = np.asarray(index["file"]), np.asarray(index["row"])
     done = 0
     t0 = time.monotonic()
-    try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for f in np.unique(order[0]):  # index is sorted by file, so order is kept
-                rows = order[1][order[0] == f]
-                table = pq.read_table(files[f], columns=list(VQA_COLUMNS)).take(pa.array(rows))
-                writer.write_table(_cast(table.select(list(VQA_COLUMNS)), schema, files[f]))
-                done += len(rows)
-                log(f"{name}: {done}/{len(index)} rows ({time.monotonic() - t0:.0f} s)")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for f in np.unique(order[0]):  # index is sorted by file, so order is kept
+            rows = order[1][order[0] == f]
+            table = pq.read_table(files[f], columns=list(VQA_COLUMNS)).take(pa.array(rows))
+            writer.write_table(_cast(table.select(list(VQA_COLUMNS)), schema, files[f]))
+            done += len(rows)
+            log(f"{name}: {done}/{len(index)} rows ({time.monotonic() - t0:.0f} s)")
     return done
 
 
@@ -292,12 +288,8 @@ def import_vsr(
     table = pa.Table.from_pydict(cols, schema=vsr_features().arrow_schema)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     labels = np.asarray(cols["label"])
     return {
         "source": str(path),

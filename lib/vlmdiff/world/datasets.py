@@ -95,15 +95,13 @@ def to_dataset(columns: Mapping[str, list[Any]], features: Features) -> Dataset:
 def write_parquet(ds: Dataset, path: str | os.PathLike) -> Path:
     """`ds.to_parquet` to a temporary name beside `path`, then rename into place."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     quiet = not are_progress_bars_disabled()
     if quiet:  # one bar per tiny file only clutters the job log
         disable_progress_bars()
     try:
-        ds.to_parquet(str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            ds.to_parquet(str(tmp))
     finally:
-        tmp.unlink(missing_ok=True)
         if quiet:
             enable_progress_bars()
     return path
