@@ -6,7 +6,7 @@ from pathlib import Path
 
 LIB = Path(__file__).resolve().parents[1] / "lib" / "vlmdiff"
 # plumbing, in the order its modules may import each other
-PLUMBING = ["files", "logs", "config", "plots", "inputs", "hooks"]
+PLUMBING = ["files", "logs", "config", "plots", "inputs", "hooks", "faults"]
 # the stages in import order: sources (the paper preset's importers) converts into the SAE class,
 # so it follows sae although its rules sit beside world and models in the DAG
 STAGES = ["world", "models", "cache", "sae", "sources", "features", "causal", "interp"]
