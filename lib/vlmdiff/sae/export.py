@@ -24,7 +24,7 @@ from torch import Tensor
 
 from vlmdiff.files import atomic_dir
 from vlmdiff.logs import Log
-from vlmdiff.sae.topk import TopKSAE
+from vlmdiff.sae.topk import TopKSAE, resid_post_layer
 
 SAELENS_CONFIG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -69,13 +69,12 @@ def fold_scale(sae: TopKSAE) -> Folded:
 
 def hook_layer(sae: TopKSAE, source: str) -> int:
     """Layer L of the SAE's `blocks.L.hook_resid_post` hook point; `source` names the folder."""
-    hook = sae.hook_point or ""
-    parts = hook.split(".")
-    if len(parts) != 3 or parts[0] != "blocks" or parts[2] != "hook_resid_post":
+    layer = resid_post_layer(sae.hook_point)
+    if layer is None:
         raise ExportError(
             f"{source}: hook point {sae.hook_point!r} is not 'blocks.L.hook_resid_post'"
         )
-    return int(parts[1])
+    return layer
 
 
 def jumprelu_threshold(sae: TopKSAE, source: str) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -469,6 +470,15 @@ def _read_tensors(path: Path, d_model: int, d_sae: int) -> dict[str, Tensor]:
                 )
             out[name] = t.float()
     return out
+
+
+_RESID_POST = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
+
+
+def resid_post_layer(hook_point: Any) -> int | None:
+    """L of a `blocks.L.hook_resid_post` hook point (our cache's `layer_L`); None otherwise."""
+    match = _RESID_POST.match(hook_point) if isinstance(hook_point, str) else None
+    return int(match.group(1)) if match else None
 
 
 def estimate_norm_factor(activations: Tensor) -> float:

@@ -29,7 +29,6 @@ pre-activation units the gate is `s_in * t` (`r * s_out = s_in`).
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +42,9 @@ from vlmdiff.sae.topk import (
     SAEFormatError,
     TopKSAE,
     _read_tensors,
+    resid_post_layer,
 )
 
-RESID_POST = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 """Hook points our caches hold: `blocks.L.hook_resid_post` is the output of decoder block L."""
 
 # Release fields the conversion interprets; every other field passes into `TopKSAE.extra`.
@@ -59,14 +58,14 @@ def cache_key(layer: int) -> str:
 
 def hook_point_layer(hook_point: Any, source: Path, key: str) -> int:
     """Layer L of a `blocks.L.hook_resid_post` hook point; anything else is an error."""
-    match = RESID_POST.match(hook_point) if isinstance(hook_point, str) else None
-    if match is None:
+    layer = resid_post_layer(hook_point)
+    if layer is None:
         raise SAEFormatError(
             f"{source}: {key} is {hook_point!r}; only residual-stream SAEs "
             "'blocks.L.hook_resid_post' (output of decoder block L, our cache's layer_L) "
             "are supported"
         )
-    return int(match.group(1))
+    return layer
 
 
 def is_release_format(raw: dict[str, Any]) -> bool:
@@ -172,7 +171,7 @@ def convert_release(
         sae.b_dec.copy_(b_dec * r)
     sae.extra = {
         **{key: v for key, v in raw.items() if key not in _RELEASE_KEYS},
-        "layer": int(RESID_POST.match(hook_point).group(1)),  # type: ignore[union-attr]
+        "layer": resid_post_layer(hook_point),
         "source_format": "llama-scope",
         "release_top_k": raw.get("top_k"),
         # In our pre-activation units: pre > this is the release's JumpReLU gate (module doc).
