@@ -410,6 +410,21 @@ def test_position_questions_match_reference() -> None:
     assert "position" not in {qa.family for _, qa in many_questions(21, 300, 3)}
 
 
+def test_relations_key_narrows_the_spatial_family() -> None:
+    asked = ["left of", "above"]
+    cfg = WorldConfig.from_mapping({"family_weights": {f: 0 for f in FAMILIES} | {"spatial": 1},
+                                    "relations": asked})
+    qas = [qa for _, qa in many_questions(5, 300, 2, cfg)]
+    spatial = [qa for qa in qas if qa.family == "spatial"]
+    assert len(spatial) > 400 and {qa.relation for qa in spatial} == set(asked)
+    for scene, qa in many_questions(5, 100, 2, cfg):  # answers still right
+        if qa.family == "spatial" and qa.answer_type == "yes/no":
+            assert ref_answer(scene.to_dict(), qa.question)[0] == qa.answer, qa
+    default = WorldConfig.from_mapping({"family_weights": {f: 0 for f in FAMILIES} | {"spatial": 1}})
+    assert {qa.relation for _, qa in many_questions(5, 300, 2, default)
+            if qa.family == "spatial"} == set(RELATIONS)
+
+
 def test_questions_in_one_scene_are_distinct() -> None:
     for scene_qas in ([qa for _, qa in many_questions(s, 1, 8)] for s in range(50)):
         assert len({qa.question for qa in scene_qas}) == 8

@@ -168,11 +168,12 @@ class Kill:
 
 def plan_kills(kinds: Sequence[str], snakemake_during: Sequence[str], seed: int,
                resuming: Sequence[tuple[str, str]] = (), lo: float = 0.1,
-               hi: float = 0.9) -> list[Kill]:
+               hi: float = 0.7) -> list[Kill]:
     """A kill of one job of each kind in `kinds`, and one of Snakemake itself during a kind
     drawn from `snakemake_during`, each at a moment drawn from `[lo, hi]` of its duration; and
     for each `(kind, log pattern)` of `resuming`, a kill of such a job once it has written
-    state to resume from."""
+    state to resume from. `hi` stays well below 1 so that a job running faster than in the
+    reference run is still alive at its moment."""
     rng = random.Random(seed)
     kills = [Kill(kind, kind, rng.uniform(lo, hi)) for kind in kinds]
     kills += [Kill(kind, kind, 0.0, on_state=True, job_match=match) for kind, match in resuming]

@@ -95,7 +95,8 @@ class ChunkWriter:
     ) -> None:
         self.group = group
         names = [f"layer_{i}" for i in range(n_layers)] + list(META_DTYPES)
-        self.arrays = {n: group[n] for n in names}
+        # a config is not stored with the array: give it again, or zarr checks every chunk
+        self.arrays = {n: group[n].with_config(_WRITE_ALL) for n in names}
         self.chunk = chunk
         self.written = tokens_done
         self.samples_done = samples_done

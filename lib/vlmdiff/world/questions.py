@@ -91,11 +91,15 @@ def relation_cases(scene: Scene, rel: str) -> list[tuple[Obj, Obj, Obj | None]]:
     return [(a, b, None) for a, b in permutations(objs, 2)]
 
 
+def _asked(cfg: WorldConfig, rels: Sequence[str]) -> tuple[str, ...]:
+    return tuple(r for r in rels if r in cfg.relations)
+
+
 def _spatial_yes_no(
     scene: Scene, rng: np.random.Generator, cfg: WorldConfig, seen: Set[str]
 ) -> QA | None:
     """ "is the red circle left of the blue square?" for a relation with both answers here."""
-    rels = RELATIONS if len(scene.objects) >= 3 else BINARY_RELATIONS
+    rels = _asked(cfg, RELATIONS if len(scene.objects) >= 3 else BINARY_RELATIONS)
     for k in rng.permutation(len(rels)):
         rel = rels[int(k)]
         qas = []
@@ -121,7 +125,7 @@ def _spatial_query(
 ) -> QA | None:
     """ "what shape is left of the red circle?": asked only when exactly one object satisfies."""
     objs = scene.objects
-    rels = RELATIONS if len(objs) >= 3 else BINARY_RELATIONS
+    rels = _asked(cfg, RELATIONS if len(objs) >= 3 else BINARY_RELATIONS)
     for k in rng.permutation(len(rels)):
         rel = rels[int(k)]
         qas = []

@@ -122,7 +122,8 @@ class WorldConfig:
     "next to"; far_dist: smallest centre distance for "far from"; text_grid: cells per axis in
     `describe`; min_gap: smallest box separation between sampled objects (negative allows that
     much overlap); font: a TrueType file for letters (PIL's built-in font when None);
-    family_weights: relative frequency of question families.
+    family_weights: relative frequency of question families; relations: those spatial questions
+    ask about.
     """
 
     image_size: int
@@ -140,6 +141,7 @@ class WorldConfig:
     family_weights: dict[str, float]
     min_gap: float
     font: str | None
+    relations: tuple[str, ...] = RELATIONS
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any] | None = None) -> WorldConfig:
@@ -154,7 +156,7 @@ class WorldConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["shapes"], d["colours"] = list(self.shapes), list(self.colours)
-        d["size_range"] = list(self.size_range)
+        d["size_range"], d["relations"] = list(self.size_range), list(self.relations)
         return d
 
     def __post_init__(self) -> None:
