@@ -58,8 +58,14 @@ def campaign(root, reference, tmp_path_factory):
     return workdir, done
 
 
-def test_every_kind_killed_and_the_run_finishes(campaign):
+def test_every_kind_killed_and_the_run_finishes(campaign, capsys):
     workdir, done = campaign
+    summary = done.summary()
+    with capsys.disabled():  # say what was tried, pass or fail
+        print(f"\nkill campaign, seed {SEED}: {summary['kills_made']} of "
+              f"{summary['kills_planned']} kills made, {summary['resumed_from_checkpoint']} jobs "
+              f"resumed from their state, {summary['runs']} runs, second run refused: "
+              f"{summary['second_run_refused']}")
     missed = [k.target if k.target != "snakemake" else f"snakemake during {k.during}"
               for k in done.kills if not k.killed]
     assert not missed, f"never killed (their jobs ended before the drawn moment): {missed}"

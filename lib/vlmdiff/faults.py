@@ -290,11 +290,6 @@ def _watch_and_kill(proc: subprocess.Popen, wf: Workflow, results: Path, pending
         jobs = running_jobs(root)
         if try_second_run and jobs and second is None:
             second = wf.start(output=second_out)
-        if second is not None and second.poll() is not None and try_second_run:
-            text = second_out.read_text()
-            if second.returncode != 0 and LOCKED in text:
-                campaign.second_run_refused = _locked_line(text)
-            try_second_run = False
         for pid, (script, job) in jobs.items():
             if pid not in armed:
                 first = seen.setdefault(pid, now)
@@ -317,9 +312,21 @@ def _watch_and_kill(proc: subprocess.Popen, wf: Workflow, results: Path, pending
                 a.job.send_signal(signal.SIGKILL)
             a.kill.killed = True
             a.kill.resumable = own_state(a.kill.job_log, results)
+            _second_run_outcome(second, second_out, campaign)
             return a.kill
         time.sleep(_POLL_S)
+    _second_run_outcome(second, second_out, campaign)
     return None
+
+
+def _second_run_outcome(second: subprocess.Popen | None, output: Path,
+                        campaign: Campaign) -> None:
+    if second is None:
+        return
+    second.wait()
+    text = output.read_text()
+    if second.returncode != 0 and LOCKED in text:
+        campaign.second_run_refused = _locked_line(text)
 
 
 def _arm(script: str, job: psutil.Process, first: float, pending: list[Kill],
