@@ -6,7 +6,7 @@
 
 One uninterrupted run gives the reference tables and each job kind's duration; then each seed
 runs the workflow from nothing while SIGKILLing one job of every long kind (and Snakemake with
-all its jobs, once) at a moment drawn from 10-90 % of the kind's duration, re-running as a user
+all its jobs, once) at a moment drawn from 10-60 % of the CPU time the kind took uninterrupted, re-running as a user
 would until it finishes, and compares every result file with the reference. Prints one line per
 campaign and writes everything to benchmarks/out/reliability.json. The damaged-input and
 full-disk cases are the `reliability` tests (`python -m pytest -m reliability`).

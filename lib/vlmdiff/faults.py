@@ -119,23 +119,37 @@ def job_log(proc: psutil.Process, workdir: Path) -> str | None:
     return None
 
 
+def cpu_seconds(proc: psutil.Process) -> float | None:
+    """User and system CPU time a process has used so far (None once it is gone)."""
+    try:
+        t = proc.cpu_times()
+    except psutil.Error:
+        return None
+    return t.user + t.system
+
+
 def watch_durations(wf: Workflow, output: Path, log: Log = print) -> dict[str, list[float]]:
-    """Run the workflow to the end uninterrupted and time each job's process, by script."""
+    """Run the workflow to the end uninterrupted; the CPU seconds each job used, by script.
+
+    Kill moments are drawn in CPU time rather than wall time because a job's CPU time barely
+    moves with the load on the machine, so a moment drawn below a job's reference CPU time
+    falls inside the job however busy the cores are."""
     proc = wf.start(output=output)
     root = psutil.Process(proc.pid)
-    seen: dict[int, tuple[str, float]] = {}
+    used: dict[int, tuple[str, float]] = {}
     durations: dict[str, list[float]] = {}
     while proc.poll() is None:
-        now = time.monotonic()
         jobs = running_jobs(root)
-        for pid, (script, _) in jobs.items():
-            seen.setdefault(pid, (script, now))
-        for pid in [p for p in seen if p not in jobs]:
-            script, began = seen.pop(pid)
-            durations.setdefault(script, []).append(now - began)
+        for pid, (script, job) in jobs.items():
+            cpu = cpu_seconds(job)
+            if cpu is not None:
+                used[pid] = (script, cpu)
+        for pid in [p for p in used if p not in jobs]:
+            script, cpu = used.pop(pid)
+            durations.setdefault(script, []).append(cpu)
         time.sleep(_POLL_S)
-    for script, began in seen.values():
-        durations.setdefault(script, []).append(time.monotonic() - began)
+    for script, cpu in used.values():
+        durations.setdefault(script, []).append(cpu)
     if proc.returncode != 0:
         raise RuntimeError(f"the uninterrupted run failed; see {output}")
     log(f"uninterrupted run: {sum(map(len, durations.values()))} jobs timed")
@@ -150,12 +164,15 @@ class Kill:
     target: str
     during: str
     fraction: float
-    """Moment of the kill as a fraction of the kind's uninterrupted duration."""
+    """Moment of the kill as a fraction of the CPU time the kind took uninterrupted."""
     on_state: bool = False
     """Kill as soon as the job has written state it can resume from (`own_state`) instead."""
     job_match: str = ""
     """Only a job whose rule log path matches this pattern."""
-    after_s: float = 0.0
+    cpu_s: float = 0.0
+    """CPU seconds the job had used when it was killed (at least its moment)."""
+    wall_s: float = 0.0
+    """Seconds from the job's first sight to its kill."""
     killed: bool = False
     job_log: str | None = None
     resumable: list[str] = field(default_factory=list)
@@ -168,7 +185,7 @@ class Kill:
 
 def plan_kills(kinds: Sequence[str], snakemake_during: Sequence[str], seed: int,
                resuming: Sequence[tuple[str, str]] = (), lo: float = 0.1,
-               hi: float = 0.7) -> list[Kill]:
+               hi: float = 0.6) -> list[Kill]:
     """A kill of one job of each kind in `kinds`, and one of Snakemake itself during a kind
     drawn from `snakemake_during`, each at a moment drawn from `[lo, hi]` of its duration; and
     for each `(kind, log pattern)` of `resuming`, a kill of such a job once it has written
@@ -222,7 +239,7 @@ def kill_and_resume(wf: Workflow, results: Path, kills: Sequence[Kill],
 
     A kill of a job that ends before its moment moves on to the next job of its kind; one whose
     kind never runs again is left `killed=False`. `durations` are an uninterrupted run's job
-    times by script (`watch_durations`); `results` is the run's results folder.
+    CPU times by script (`watch_durations`); `results` is the run's results folder.
     """
     campaign = Campaign(list(kills))
     flags: list[str] = []
@@ -238,8 +255,9 @@ def kill_and_resume(wf: Workflow, results: Path, kills: Sequence[Kill],
         proc.wait()
         text = out.read_text()
         if fired is not None:
-            log(f"run {campaign.runs}: killed {fired.target} at {fired.after_s:.1f}s "
-                f"({fired.fraction:.2f} of its time); {len(fired.resumable)} resumable paths")
+            log(f"run {campaign.runs}: killed {fired.target} during {fired.during} after "
+                f"{fired.cpu_s:.1f} CPU s ({fired.wall_s:.1f} s); {len(fired.resumable)} "
+                "resumable paths")
         if proc.returncode == 0 and fired is None:
             break
         if LOCKED in text:
@@ -274,6 +292,7 @@ class _Armed:
     seen: float
     log: str | None
     state: set[str]
+    moment: float = 0.0  # CPU seconds
 
 
 def _watch_and_kill(proc: subprocess.Popen, wf: Workflow, results: Path, pending: list[Kill],
@@ -285,32 +304,40 @@ def _watch_and_kill(proc: subprocess.Popen, wf: Workflow, results: Path, pending
     seen: dict[int, float] = {}
     second: subprocess.Popen | None = None  # a second run on the same folder, once
     second_out = logs / "second_run.txt"
+    locks = wf.workdir / ".snakemake" / "locks"
     while proc.poll() is None:
         now = time.monotonic()
         jobs = running_jobs(root)
-        if try_second_run and jobs and second is None:
+        if try_second_run and second is None and locks.is_dir() and any(locks.iterdir()):
             second = wf.start(output=second_out)
         for pid, (script, job) in jobs.items():
             if pid not in armed:
                 first = seen.setdefault(pid, now)
                 if (a := _arm(script, job, first, pending, armed, durations, wf, results)):
                     armed[pid] = a
+        if second is not None and second.poll() is None:
+            # no kill while the second run is deciding: had the first run just ended, the
+            # second would take the folder over
+            time.sleep(_POLL_S)
+            continue
         for pid, a in list(armed.items()):
             if pid not in jobs:  # ended before its moment: wait for the next job of the kind
                 del armed[pid]
                 continue
+            cpu = cpu_seconds(a.job)
+            if cpu is None:
+                continue
             if a.kill.on_state:
                 if not set(own_state(a.log, results)) - a.state:
                     continue
-                a.kill.after_s = now - a.seen
-            elif now < a.seen + a.kill.after_s:
+            elif cpu < a.moment:
                 continue
             a.kill.job_log = a.log or job_log(a.job, wf.workdir)
             if a.kill.target == "snakemake":
                 _kill_tree(root)
             else:
                 a.job.send_signal(signal.SIGKILL)
-            a.kill.killed = True
+            a.kill.killed, a.kill.cpu_s, a.kill.wall_s = True, cpu, now - a.seen
             a.kill.resumable = own_state(a.kill.job_log, results)
             _second_run_outcome(second, second_out, campaign)
             return a.kill
@@ -341,10 +368,9 @@ def _arm(script: str, job: psutil.Process, first: float, pending: list[Kill],
         needs_log = kill.job_match or kill.on_state
         if needs_log and (log_name is None or not re.search(kill.job_match, log_name)):
             continue
-        if not kill.on_state:
-            kill.after_s = kill.fraction * min(durations.get(script, [1.0]))
+        moment = kill.fraction * min(durations.get(script, [1.0]))
         state = set(own_state(log_name, results)) if kill.on_state else set()
-        return _Armed(kill, job, first, log_name, state)
+        return _Armed(kill, job, first, log_name, state, moment)
     return None
 
 
