@@ -89,11 +89,15 @@ def tower_features(tower: torch.nn.Module, images: Sequence[Any], image_size: in
 class PatchLM(torch.nn.Module):
     """Projection of patch vectors to the LM's width (+ the position code) as image tokens."""
 
-    def __init__(self, lm: torch.nn.Module, d_vision: int, n_patches: int, scale: float) -> None:
+    def __init__(self, lm: torch.nn.Module, d_vision: int, n_patches: int, scale: float,
+                 projector: str = "linear") -> None:
         super().__init__()
         self.lm, self.scale = lm, scale
         d = lm.config.hidden_size
-        self.proj = torch.nn.Linear(d_vision, d)
+        # "mlp" is the VLM's own LLaVA projector: linear, GELU, linear
+        self.proj = (torch.nn.Linear(d_vision, d) if projector == "linear" else
+                     torch.nn.Sequential(torch.nn.Linear(d_vision, d), torch.nn.GELU(),
+                                         torch.nn.Linear(d, d)))
         grid = int(round(n_patches**0.5))
         self.register_buffer("code", image_position_table(grid, d), persistent=False)
 
@@ -149,6 +153,7 @@ def run_arm(
     lr: float,
     seed: int,
     log: Log,
+    projector: str = "linear",
 ) -> list[dict[str, Any]]:
     """Train one arm; held-out accuracy rows (arm, step, loss, question kind, accuracy, n)."""
     scale, column = ARMS[arm]
@@ -163,7 +168,7 @@ def run_arm(
         tokenizer = build_tokenizer(texts)
         lm = build_lm(tokenizer, {**lm_cfg, "num_layers": layers}, seed)
     train_feats = feats["train"]
-    model = PatchLM(lm, train_feats.shape[-1], train_feats.shape[1], scale)
+    model = PatchLM(lm, train_feats.shape[-1], train_feats.shape[1], scale, projector)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     vocab = tokenizer.get_vocab()
     unknown = sorted({w for t in texts for w in t.split() if w.lower() not in vocab})
@@ -259,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--val-scenes", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--projector", choices=["linear", "mlp"], default="linear",
+                    help="the patch projection: linear, or the VLM's two-layer GELU MLP")
     ap.add_argument("--out", default="benchmarks/out/patch_probe.csv")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -269,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     for arm in args.arms:
         rows += run_arm(arm, feats, qas, heldout, lm_cfg=cfg["lm"], lm_dir=args.lm,
                         layers=args.layers, steps=args.steps, eval_every=args.eval_every,
-                        batch_size=args.batch_size, lr=args.lr, seed=args.seed, log=print)
+                        batch_size=args.batch_size, lr=args.lr, seed=args.seed, log=print,
+                        projector=args.projector)
     table = pd.DataFrame(rows)
     write_table(table, args.out)
     print(table.pivot_table(index=["arm", "kind"], columns="step", values="accuracy").round(2))

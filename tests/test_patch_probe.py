@@ -69,3 +69,12 @@ def test_patch_lm_puts_the_code_on_the_image_tokens_only(tiny_config):
     assert torch.equal(diff[:, :n], torch.zeros_like(diff[:, :n]))
     assert torch.equal(diff[:, n + 16:], torch.zeros_like(diff[:, n + 16:]))
     assert torch.equal(seen[0][:, :n], emb(before))
+
+
+def test_mlp_projector_is_the_vlms_shape(tiny_config):
+    tok = build_tokenizer(["yes no"])
+    lm = build_lm(tok, tiny_config["lm"], seed=0)
+    mlp = PatchLM(lm, 12, 16, 1.0, projector="mlp")
+    d = lm.config.hidden_size
+    assert [tuple(p.shape) for p in mlp.proj.parameters()] == [(d, 12), (d,), (d, d), (d,)]
+    assert mlp.proj(torch.randn(2, 16, 12)).shape == (2, 16, d)
