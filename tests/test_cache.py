@@ -273,12 +273,16 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, vlm, vqa, processor):
     # a kill between two arrays' appends leaves some arrays ahead of samples_done
     group["layer_0"].append(np.ones((10, group["layer_0"].shape[1]), np.float16))
     group["sample"].append(np.full(10, 99, np.int64))
+    # and a kill inside a chunk write leaves zarr's own temporary beside the chunk
+    stray = partial / "layer_0" / "c" / "0" / "0.0123abcd.partial"
+    stray.write_bytes(b"half a chunk")
 
     messages: list[str] = []
     summary = write_cache(vlm, vqa, out, log=messages.append, **kwargs)
     assert any(m.startswith(f"resuming {partial}: {done}/") for m in messages)
     assert summary["resumed_from_sample"] == done
     assert not partial.exists()
+    assert not list(out.rglob("*.partial"))
     got = read_all(out)
     for name, value in ref.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)

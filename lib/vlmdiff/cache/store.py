@@ -230,6 +230,11 @@ def resume_store(path: Path, attrs: Mapping[str, Any], log: Log) -> tuple[zarr.G
     """Reopen an interrupted store that matches these settings, cut back to its last sample."""
     if not path.exists():
         return None
+    # zarr writes each chunk to `<key>.<uuid>.partial` and renames it; a killed writer leaves
+    # that temporary behind, which would otherwise end up in the finished store
+    for stale in path.rglob("*.partial"):
+        if stale.is_file():
+            stale.unlink()
     try:
         group = zarr.open_group(path, mode="r+", zarr_format=3)
         stored = dict(group.attrs)
