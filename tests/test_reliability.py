@@ -1,6 +1,6 @@
 """The tiny workflow under faults, for real: jobs and Snakemake SIGKILLed at seeded moments and
 resumed, a second run on the same folder, damaged inputs, a full disk; against an uninterrupted
-run of the same seed. Slow (three runs of the tiny DAG and some single jobs): `.ci/run` runs it
+run of the same seed. Slow (two runs of the tiny DAG, one killed 13 times, and single jobs): `.ci/run` runs it
 as its own step, `python -m pytest -m reliability`. VLMDIFF_FAULT_SEED draws other kill moments.
 """
 
