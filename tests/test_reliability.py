@@ -71,7 +71,7 @@ def test_every_kind_killed_and_the_run_finishes(campaign, capsys):
     assert not missed, f"never killed (their jobs ended before the drawn moment): {missed}"
     assert len(done.kills) == len(LONG_JOB_KINDS) + len(RESUMING_JOBS) + 1
     # the kill of Snakemake itself leaves its lock; the re-run needs --unlock
-    assert "unlock" in done.kills[-1].reruns or any("unlock" in k.reruns for k in done.kills)
+    assert any("unlock" in k.reruns for k in done.kills)
     nothing_left = _wf_dry_run(workdir)
     assert "Nothing to be done" in nothing_left, nothing_left[-2000:]
 
