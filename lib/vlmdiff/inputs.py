@@ -55,14 +55,25 @@ IGNORE = -100
 
 @dataclass
 class Encoded:
-    """Token sequences with per-token labels, plus optional images as float16 pixel values."""
+    """Token sequences with per-token labels, plus optional images as float16 pixel values and,
+    for VQA conversations, the dataset row each answer token answers (-1 elsewhere)."""
 
     input_ids: list[torch.Tensor]
     labels: list[torch.Tensor]
     pixel_values: torch.Tensor | None = None
+    answer_rows: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def answers_of(self, keep: np.ndarray) -> Encoded:
+        """The same sequences with the loss on the answers of the rows where `keep` holds only."""
+        if self.answer_rows is None:
+            raise ValueError("these sequences do not record which row each answer belongs to")
+        keep_t = torch.as_tensor(np.append(np.asarray(keep, dtype=bool), False))  # row -1: no
+        labels = [torch.where(keep_t[rows], lab, IGNORE)
+                  for lab, rows in zip(self.labels, self.answer_rows, strict=True)]
+        return Encoded(self.input_ids, labels, self.pixel_values, self.answer_rows)
 
 
 def encode_corpus(
@@ -127,7 +138,7 @@ def encode_vqa(
     groups = image_groups(ds["image_id"] if "image_id" in ds.column_names else range(len(ds)))
     # read the text columns once: indexing `ds[column]` inside the loop re-reads the column
     questions, answers = list(ds["question"]), list(ds["multiple_choice_answer"])
-    ids, labels, pixels = [], [], []
+    ids, labels, pixels, rows = [], [], [], []
     for start in range(0, len(groups), chunk):
         part = groups[start : start + chunk]
         texts = [
@@ -138,23 +149,33 @@ def encode_vqa(
         ]
         batch = processor(text=texts, images=[ds[a]["image"] for a, _ in part], padding=False)
         pixels.append(torch.as_tensor(np.stack(batch["pixel_values"]), dtype=torch.float16))
-        for seq in batch["input_ids"]:
-            ids.append(torch.as_tensor(seq))
-            labels.append(torch.as_tensor(_answer_labels(seq, assistant, tok.eos_token_id)))
+        for seq, (a, _) in zip(batch["input_ids"], part, strict=True):
+            seq_t = torch.as_tensor(seq)
+            turn = torch.as_tensor(_answer_turns(seq, assistant, tok.eos_token_id))
+            ids.append(seq_t)
+            labels.append(torch.where(turn >= 0, seq_t, IGNORE))
+            rows.append(torch.where(turn >= 0, turn + a, -1))
         if log:
             log(f"encoded {min(start + chunk, len(groups))}/{len(groups)} conversations")
-    return Encoded(ids, labels, torch.cat(pixels))
+    return Encoded(ids, labels, torch.cat(pixels), rows)
+
+
+def _answer_turns(seq: Sequence[int], assistant: int, eos: int) -> list[int]:
+    """Which answer (0, 1, ...) each token is part of: the tokens after each assistant tag up
+    to and including its EOS; -1 elsewhere."""
+    out, turn, inside = [], -1, False
+    for prev, tok_id in zip([None, *seq[:-1]], seq, strict=True):
+        if prev == assistant:
+            inside, turn = True, turn + 1
+        out.append(turn if inside else -1)
+        if tok_id == eos:
+            inside = False
+    return out
 
 
 def _answer_labels(seq: Sequence[int], assistant: int, eos: int) -> list[int]:
     """Token ids after each assistant tag up to and including its EOS; IGNORE elsewhere."""
-    out, inside = [], False
-    for prev, tok_id in zip([None, *seq[:-1]], seq, strict=True):
-        inside = inside or prev == assistant
-        out.append(tok_id if inside else IGNORE)
-        if tok_id == eos:
-            inside = False
-    return out
+    return [t if turn >= 0 else IGNORE for t, turn in zip(seq, _answer_turns(seq, assistant, eos), strict=True)]
 
 
 def image_groups(image_ids: Sequence) -> list[tuple[int, int]]:

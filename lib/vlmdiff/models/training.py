@@ -36,6 +36,7 @@ from vlmdiff.models.build import (
     resolve_device,
     save_atomic,
 )
+from vlmdiff.models.curriculum import curriculum_batches, phases
 from vlmdiff.models.tokenizer import build_tokenizer
 from vlmdiff.world.layouts import load_split
 from vlmdiff.world.scenes import Scene, WorldConfig, describe
@@ -272,6 +273,10 @@ def train_vlm_stage(
     where = f"vlm.stage{stage}"
     stage_cfg = config.section(where, optim_cfg)
     data_kind = stage_cfg["data"]
+    plan = phases(stage_cfg.get("curriculum", []), stage_cfg["steps"], where)
+    if plan and (data_kind != "questions" or "relation" not in train_ds.column_names):
+        raise ValueError(f"{where}.curriculum needs {where}.data: questions and a training split "
+                         "with a relation column (the shapes world's)")
     if data_kind != "questions":
         if scene_cfg is None:
             raise ValueError(f"stage {stage}: captions need the world's scene config")
@@ -281,7 +286,11 @@ def train_vlm_stage(
     params = set_stage_trainable(vlm, stage, stage == 2 or stage_cfg["train_vision"])
     log(f"stage {stage}: {sum(p.numel() for p in params):,} trainable parameters")
     ocfg = OptimConfig.from_mapping(stage_cfg, where)
-    it = batches(data, ocfg.batch_size, processor.tokenizer.pad_token_id, seed, ocfg.length_pool)
+    def make_batches(d: Encoded) -> Iterator[dict[str, torch.Tensor]]:
+        return batches(d, ocfg.batch_size, processor.tokenizer.pad_token_id, seed, ocfg.length_pool)
+
+    relations = train_ds["relation"] if plan else []
+    it = curriculum_batches(data, relations, plan, make_batches, log)
     vlm.to(device)
     history = train(vlm, params, it, ocfg, device, f"vlm stage {stage}", log)
     for p in vlm.parameters():

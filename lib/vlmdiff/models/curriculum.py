@@ -1,0 +1,76 @@
+"""A relation curriculum for LLaVA stage 2: phases in which only some relations' answers carry
+the loss, so that the VLM meets one relation before its mirror image.
+
+Why: with "left of" and "right of" both asked, nothing that reads one object's place without
+the relation word lowers the loss (the two relations cancel), so stage 2 sits on a plateau at
+chance; with one relation alone, the subject's place already predicts the answer and the VLM
+learns to bind names to places, after which the mirror relation is a small step
+(`docs/research/toy_models.md`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlmdiff.inputs import Encoded
+from vlmdiff.logs import Log
+from vlmdiff.world.scenes import RELATIONS
+
+
+@dataclass(frozen=True)
+class Phase:
+    """`steps` optimiser steps in which spatial answers count only for `relations`."""
+
+    steps: int
+    relations: tuple[str, ...]
+
+
+def phases(curriculum: Sequence[Mapping[str, Any]], total_steps: int, where: str) -> list[Phase]:
+    """The `curriculum` key of a stage's config as phases, checked against the stage's steps."""
+    out = []
+    for i, p in enumerate(curriculum, 1):
+        unknown = sorted(set(p["relations"]) - set(RELATIONS))
+        if unknown:
+            raise ValueError(f"{where}.curriculum phase {i}: unknown relations {unknown}; "
+                             f"known: {list(RELATIONS)}")
+        out.append(Phase(int(p["steps"]), tuple(p["relations"])))
+    if sum(p.steps for p in out) >= max(1, total_steps):
+        raise ValueError(f"{where}.curriculum: its phases take {sum(p.steps for p in out)} steps, "
+                         f"which leaves none of {where}.steps ({total_steps}) for every answer")
+    return out
+
+
+def answer_mask(relations: Sequence[str | None], allowed: Sequence[str]) -> np.ndarray:
+    """Rows whose answer counts in a phase: every non-spatial row (relation None) and the
+    spatial rows about an `allowed` relation."""
+    return np.array([r is None or r in allowed for r in relations], dtype=bool)
+
+
+def curriculum_batches(
+    data: Encoded,
+    relations: Sequence[str | None],
+    plan: Sequence[Phase],
+    make_batches: Any,
+    log: Log = print,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """`make_batches(data)`'s batches, the answers masked phase by phase as `plan` says, then
+    unmasked for good. `relations` is the relation of each row that `data` encodes."""
+    for i, phase in enumerate(plan, 1):
+        keep = answer_mask(relations, phase.relations)
+        spatial = sum(r is not None for r in relations)
+        counted = int(sum(keep)) - (len(relations) - spatial)
+        if counted == 0:
+            raise ValueError(f"curriculum phase {i}: the training split has no question about "
+                             f"{list(phase.relations)}")
+        log(f"curriculum phase {i}: {phase.steps} steps, spatial answers about "
+            f"{', '.join(phase.relations)} only ({counted} of {spatial} spatial rows)")
+        yield from islice(make_batches(data.answers_of(keep)), phase.steps)
+    if plan:
+        log("curriculum done: every answer counts from here on")
+    yield from make_batches(data)
