@@ -25,7 +25,7 @@ def conversations(tiny_config):
         "image_id": [7, 7, 8], "image": [imgs[0], imgs[0], imgs[1]],
         "question": [TEXTS[0], TEXTS[2], TEXTS[1]],
         "multiple_choice_answer": ["yes", "red", "no"],
-        "relation": ["left of", None, "right of"],
+        "relation": ["left of", "", "right of"],  # the world writes "" off spatial rows
     })
     return tok, proc, ds, encode_vqa(proc, ds)
 
@@ -47,6 +47,7 @@ def test_a_phase_keeps_other_families_and_its_relations_only(conversations):
     assert _answers(tok, masked.labels[0]) == ["yes", "</s>", "red", "</s>"]
     assert _answers(tok, masked.labels[1]) == []  # "right of" carries no loss in this phase
     assert torch.equal(masked.input_ids[1], enc.input_ids[1])  # the question is still asked
+    assert answer_mask([None, "", "above"], ["left of"]).tolist() == [True, True, False]
     assert _answers(tok, enc.labels[1]) == ["no", "</s>"]  # the full labels are untouched
 
 

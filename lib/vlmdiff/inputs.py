@@ -133,31 +133,50 @@ def encode_vqa(
     Consecutive rows with the same `image_id` form one conversation; without that column each
     row is its own.
     """
-    tok = processor.tokenizer
-    assistant = tok.convert_tokens_to_ids(ASSISTANT)
     groups = image_groups(ds["image_id"] if "image_id" in ds.column_names else range(len(ds)))
     # read the text columns once: indexing `ds[column]` inside the loop re-reads the column
     questions, answers = list(ds["question"]), list(ds["multiple_choice_answer"])
-    ids, labels, pixels, rows = [], [], [], []
+    parts = []
     for start in range(0, len(groups), chunk):
         part = groups[start : start + chunk]
-        texts = [
-            tok.apply_chat_template(
-                _conversation(questions[a:b], answers[a:b]), tokenize=False
-            )
-            for a, b in part
-        ]
-        batch = processor(text=texts, images=[ds[a]["image"] for a, _ in part], padding=False)
-        pixels.append(torch.as_tensor(np.stack(batch["pixel_values"]), dtype=torch.float16))
-        for seq, (a, _) in zip(batch["input_ids"], part, strict=True):
-            seq_t = torch.as_tensor(seq)
-            turn = torch.as_tensor(_answer_turns(seq, assistant, tok.eos_token_id))
-            ids.append(seq_t)
-            labels.append(torch.where(turn >= 0, seq_t, IGNORE))
-            rows.append(torch.where(turn >= 0, turn + a, -1))
+        parts.append(encode_conversations(
+            processor, [ds[a]["image"] for a, _ in part], [questions[a:b] for a, b in part],
+            [answers[a:b] for a, b in part], first_rows=[a for a, _ in part],
+        ))
         if log:
             log(f"encoded {min(start + chunk, len(groups))}/{len(groups)} conversations")
-    return Encoded(ids, labels, torch.cat(pixels), rows)
+    return Encoded(
+        [t for e in parts for t in e.input_ids], [t for e in parts for t in e.labels],
+        torch.cat([e.pixel_values for e in parts]), [t for e in parts for t in e.answer_rows],
+    )
+
+
+def encode_conversations(
+    processor: LlavaProcessor,
+    images: Sequence[Any],
+    questions: Sequence[Sequence[str]],
+    answers: Sequence[Sequence[str]],
+    first_rows: Sequence[int] | None = None,
+) -> Encoded:
+    """`encode_vqa` for conversations given directly: image i with the turns `questions[i]` /
+    `answers[i]`, whose answers are rows `first_rows[i]`, `first_rows[i] + 1`, ... (by default
+    numbered on from 0 across the conversations)."""
+    tok = processor.tokenizer
+    assistant = tok.convert_tokens_to_ids(ASSISTANT)
+    if first_rows is None:
+        first_rows = np.cumsum([0, *map(len, questions)])[:-1].tolist()
+    texts = [tok.apply_chat_template(_conversation(q, a), tokenize=False)
+             for q, a in zip(questions, answers, strict=True)]
+    batch = processor(text=texts, images=list(images), padding=False)
+    ids, labels, rows = [], [], []
+    for seq, first in zip(batch["input_ids"], first_rows, strict=True):
+        seq_t = torch.as_tensor(seq)
+        turn = torch.as_tensor(_answer_turns(seq, assistant, tok.eos_token_id))
+        ids.append(seq_t)
+        labels.append(torch.where(turn >= 0, seq_t, IGNORE))
+        rows.append(torch.where(turn >= 0, turn + first, -1))
+    pixels = torch.as_tensor(np.stack(batch["pixel_values"]), dtype=torch.float16)
+    return Encoded(ids, labels, pixels, rows)
 
 
 def _answer_turns(seq: Sequence[int], assistant: int, eos: int) -> list[int]:

@@ -47,9 +47,9 @@ def phases(curriculum: Sequence[Mapping[str, Any]], total_steps: int, where: str
 
 
 def answer_mask(relations: Sequence[str | None], allowed: Sequence[str]) -> np.ndarray:
-    """Rows whose answer counts in a phase: every non-spatial row (relation None) and the
-    spatial rows about an `allowed` relation."""
-    return np.array([r is None or r in allowed for r in relations], dtype=bool)
+    """Rows whose answer counts in a phase: every non-spatial row (relation empty or None, as
+    the world's splits and datasets write it) and the spatial rows about an `allowed` one."""
+    return np.array([not r or r in allowed for r in relations], dtype=bool)
 
 
 def curriculum_batches(
@@ -63,7 +63,7 @@ def curriculum_batches(
     unmasked for good. `relations` is the relation of each row that `data` encodes."""
     for i, phase in enumerate(plan, 1):
         keep = answer_mask(relations, phase.relations)
-        spatial = sum(r is not None for r in relations)
+        spatial = sum(bool(r) for r in relations)
         counted = int(sum(keep)) - (len(relations) - spatial)
         if counted == 0:
             raise ValueError(f"curriculum phase {i}: the training split has no question about "
