@@ -84,8 +84,11 @@ def batches(
     turns: int,
     left_of: bool,
     seed: int,
+    mix: tuple[WorldConfig, float] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless training batches in stage 2's format, questions drawn afresh every step."""
+    """Endless training batches in stage 2's format, questions drawn afresh every step; with
+    `mix` (config, p) outside the phases, each conversation comes from that config's scene
+    with probability p."""
     rng = np.random.default_rng(seed)
     step = 0
     while True:
@@ -94,7 +97,8 @@ def batches(
         picks, convs = [], []
         while len(picks) < batch_size:
             i = int(rng.integers(len(scenes)))
-            qas = conversation(scenes[i], cfg, rng, turns, left_of)
+            this = mix[0] if mix and cfg is world and rng.random() < mix[1] else cfg
+            qas = conversation(scenes[i], this, rng, turns, left_of)
             if qas:
                 picks.append(i)
                 convs.append(qas)
@@ -150,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                     "and the vlm.stage2 optimiser settings")
     ap.add_argument("--phase", action="append", default=[], metavar="CONFIGFILE:STEP",
                     help="draw the questions of every step up to STEP from this config's scene")
+    ap.add_argument("--mix", metavar="CONFIGFILE:P", help="outside the phases, draw each "
+                    "conversation from this config's scene with probability P")
     ap.add_argument("--left-of", action="store_true", help="ask only balanced left-of questions")
     ap.add_argument("--turns", type=int, default=1, help="questions per conversation")
     ap.add_argument("--steps", type=int, default=1000)
@@ -168,6 +174,10 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     cfg = merged_config([args.configfile] if args.configfile else [])
     world = WorldConfig.from_mapping(cfg["world"]["scene"])
     phases = parse_phases(args.phase)
+    mix = None
+    if args.mix:
+        path, _, p = args.mix.rpartition(":")
+        mix = (scene_config(path), float(p))
     two = WorldConfig.from_mapping({**cfg["world"]["scene"], "min_objects": max(2, world.min_objects)})
     rng = np.random.default_rng(args.seed)
     scenes = [sample_scene(rng, two) for _ in range(args.train_scenes)]
@@ -183,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                                      "batch_size": args.batch_size,
                                      "log_every": math.gcd(50, args.eval_every)}, "vlm.stage2")
     it = batches(processor, scenes, images, world, phases, batch_size=args.batch_size,
-                 turns=args.turns, left_of=args.left_of, seed=args.seed + 1)
+                 turns=args.turns, left_of=args.left_of, seed=args.seed + 1, mix=mix)
     rows: list[dict[str, Any]] = []
 
     def on_log(step: int) -> dict[str, float]:

@@ -26,6 +26,7 @@ def conversations(tiny_config):
         "question": [TEXTS[0], TEXTS[2], TEXTS[1]],
         "multiple_choice_answer": ["yes", "red", "no"],
         "relation": ["left of", "", "right of"],  # the world writes "" off spatial rows
+        "family": ["spatial", "colour", "spatial"],
     })
     return tok, proc, ds, encode_vqa(proc, ds)
 
@@ -43,11 +44,16 @@ def test_each_answer_token_knows_its_row(conversations):
 
 def test_a_phase_keeps_other_families_and_its_relations_only(conversations):
     tok, _, ds, enc = conversations
-    masked = enc.answers_of(answer_mask(ds["relation"], ["left of"]))
+    masked = enc.answers_of(answer_mask(ds["relation"], ds["family"], Phase(1, ("left of",))))
     assert _answers(tok, masked.labels[0]) == ["yes", "</s>", "red", "</s>"]
     assert _answers(tok, masked.labels[1]) == []  # "right of" carries no loss in this phase
     assert torch.equal(masked.input_ids[1], enc.input_ids[1])  # the question is still asked
-    assert answer_mask([None, "", "above"], ["left of"]).tolist() == [True, True, False]
+    assert answer_mask([None, "", "above"], ["count", "colour", "spatial"],
+                       Phase(1, ("left of",))).tolist() == [True, True, False]
+    alone = enc.answers_of(answer_mask(ds["relation"], ds["family"], Phase(1, ("left of",), ())))
+    assert _answers(tok, alone.labels[0]) == ["yes", "</s>"]  # no other family: colour masked too
+    some = answer_mask(["", "", "left of"], ["count", "colour", "spatial"], Phase(1, ("above",), ("count",)))
+    assert some.tolist() == [True, False, False]
     assert _answers(tok, enc.labels[1]) == ["no", "</s>"]  # the full labels are untouched
 
 
@@ -59,10 +65,11 @@ def test_curriculum_batches_mask_for_the_phase_steps_then_never(conversations):
             yield collate(data, [0, 1], tok.pad_token_id)
 
     logged = []
-    it = curriculum_batches(enc, ds["relation"], [Phase(2, ("left of",))], make, logged.append)
+    it = curriculum_batches(enc, ds["relation"], ds["family"], [Phase(2, ("left of",))], make, logged.append)
     counts = [int((next(it)["labels"] != IGNORE).sum()) for _ in range(4)]
     assert counts == [4, 4, 6, 6]
     assert "curriculum phase 1: 2 steps" in logged[0] and "(1 of 2 spatial rows)" in logged[0]
+    assert "every other family (1 rows)" in logged[0]
 
 
 def test_curriculum_errors_name_the_problem(conversations, tiny_config):
@@ -71,14 +78,14 @@ def test_curriculum_errors_name_the_problem(conversations, tiny_config):
         phases([{"steps": 5, "relations": ["left of"]}], 5, "vlm.stage2")
     with pytest.raises(ValueError, match="unknown relations"):
         phases([{"steps": 1, "relations": ["inside"]}], 5, "vlm.stage2")
-    it = curriculum_batches(enc, ds["relation"], [Phase(1, ("above",))], lambda d: iter(()), print)
+    it = curriculum_batches(enc, ds["relation"], ds["family"], [Phase(1, ("above",))], lambda d: iter(()), print)
     with pytest.raises(ValueError, match=r"no question about \['above'\]"):
         next(it)
     lm = build_lm(tok, tiny_config["lm"], seed=0)
     size = tiny_config["world"]["scene"]["image_size"]
     vlm = build_vlm(lm, tok, tiny_config["vision"], size, seed=0)
     optim = {**tiny_config["vlm"]["stage2"], "curriculum": [{"steps": 1, "relations": ["left of"]}]}
-    with pytest.raises(ValueError, match="relation column"):
+    with pytest.raises(ValueError, match="relation and family columns"):
         train_vlm_stage(vlm, proc, ds.remove_columns("relation"), 2, optim, 0, torch.device("cpu"))
 
 

@@ -25,10 +25,12 @@ from vlmdiff.world.scenes import RELATIONS
 
 @dataclass(frozen=True)
 class Phase:
-    """`steps` optimiser steps in which spatial answers count only for `relations`."""
+    """`steps` optimiser steps in which spatial answers count only for `relations`, and other
+    answers only for `families` (None: every family)."""
 
     steps: int
     relations: tuple[str, ...]
+    families: tuple[str, ...] | None = None
 
 
 def phases(curriculum: Sequence[Mapping[str, Any]], total_steps: int, where: str) -> list[Phase]:
@@ -39,37 +41,44 @@ def phases(curriculum: Sequence[Mapping[str, Any]], total_steps: int, where: str
         if unknown:
             raise ValueError(f"{where}.curriculum phase {i}: unknown relations {unknown}; "
                              f"known: {list(RELATIONS)}")
-        out.append(Phase(int(p["steps"]), tuple(p["relations"])))
+        families = p.get("families")
+        out.append(Phase(int(p["steps"]), tuple(p["relations"]),
+                         None if families is None else tuple(families)))
     if sum(p.steps for p in out) >= max(1, total_steps):
         raise ValueError(f"{where}.curriculum: its phases take {sum(p.steps for p in out)} steps, "
                          f"which leaves none of {where}.steps ({total_steps}) for every answer")
     return out
 
 
-def answer_mask(relations: Sequence[str | None], allowed: Sequence[str]) -> np.ndarray:
-    """Rows whose answer counts in a phase: every non-spatial row (relation empty or None, as
-    the world's splits and datasets write it) and the spatial rows about an `allowed` one."""
-    return np.array([not r or r in allowed for r in relations], dtype=bool)
+def answer_mask(relations: Sequence[str | None], families: Sequence[str], phase: Phase) -> np.ndarray:
+    """Rows whose answer counts in `phase`: the spatial rows about one of its relations, and the
+    other rows (relation empty or None, as the world's splits write it) of its families."""
+    return np.array([r in phase.relations if r else phase.families is None or f in phase.families
+                     for r, f in zip(relations, families, strict=True)], dtype=bool)
 
 
 def curriculum_batches(
     data: Encoded,
     relations: Sequence[str | None],
+    families: Sequence[str],
     plan: Sequence[Phase],
     make_batches: Any,
     log: Log = print,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """`make_batches(data)`'s batches, the answers masked phase by phase as `plan` says, then
-    unmasked for good. `relations` is the relation of each row that `data` encodes."""
+    unmasked for good. `relations` and `families` are those of each row that `data` encodes."""
+    spatial = np.array([bool(r) for r in relations])
     for i, phase in enumerate(plan, 1):
-        keep = answer_mask(relations, phase.relations)
-        spatial = sum(bool(r) for r in relations)
-        counted = int(sum(keep)) - (len(relations) - spatial)
+        keep = answer_mask(relations, families, phase)
+        counted = int((keep & spatial).sum())
         if counted == 0:
             raise ValueError(f"curriculum phase {i}: the training split has no question about "
                              f"{list(phase.relations)}")
+        others = "every other family" if phase.families is None else (
+            ", ".join(phase.families) if phase.families else "no other family")
         log(f"curriculum phase {i}: {phase.steps} steps, spatial answers about "
-            f"{', '.join(phase.relations)} only ({counted} of {spatial} spatial rows)")
+            f"{', '.join(phase.relations)} only ({counted} of {int(spatial.sum())} spatial rows), "
+            f"{others} ({int((keep & ~spatial).sum())} rows)")
         yield from islice(make_batches(data.answers_of(keep)), phase.steps)
     if plan:
         log("curriculum done: every answer counts from here on")

@@ -274,9 +274,9 @@ def train_vlm_stage(
     stage_cfg = config.section(where, optim_cfg)
     data_kind = stage_cfg["data"]
     plan = phases(stage_cfg.get("curriculum", []), stage_cfg["steps"], where)
-    if plan and (data_kind != "questions" or "relation" not in train_ds.column_names):
+    if plan and (data_kind != "questions" or not {"relation", "family"} <= set(train_ds.column_names)):
         raise ValueError(f"{where}.curriculum needs {where}.data: questions and a training split "
-                         "with a relation column (the shapes world's)")
+                         "with relation and family columns (the shapes world's)")
     if data_kind != "questions":
         if scene_cfg is None:
             raise ValueError(f"stage {stage}: captions need the world's scene config")
@@ -289,8 +289,8 @@ def train_vlm_stage(
     def make_batches(d: Encoded) -> Iterator[dict[str, torch.Tensor]]:
         return batches(d, ocfg.batch_size, processor.tokenizer.pad_token_id, seed, ocfg.length_pool)
 
-    relations = train_ds["relation"] if plan else []
-    it = curriculum_batches(data, relations, plan, make_batches, log)
+    relations, families = (train_ds["relation"], train_ds["family"]) if plan else ([], [])
+    it = curriculum_batches(data, relations, families, plan, make_batches, log)
     vlm.to(device)
     history = train(vlm, params, it, ocfg, device, f"vlm stage {stage}", log)
     for p in vlm.parameters():
