@@ -71,6 +71,14 @@ def test_curriculum_batches_mask_for_the_phase_steps_then_never(conversations):
     assert "curriculum phase 1: 2 steps" in logged[0] and "(1 of 2 spatial rows)" in logged[0]
     assert "every other family (1 rows)" in logged[0]
 
+    def alternate(data):
+        while True:
+            yield collate(data, [1], tok.pad_token_id)  # right of: nothing to learn in the phase
+            yield collate(data, [0], tok.pad_token_id)
+
+    it = curriculum_batches(enc, ds["relation"], ds["family"], [Phase(2, ("left of",), ())], alternate, print)
+    assert [int((next(it)["labels"] != IGNORE).sum()) for _ in range(2)] == [2, 2]  # no empty batch
+
 
 def test_curriculum_errors_name_the_problem(conversations, tiny_config):
     tok, proc, ds, enc = conversations

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlmdiff.inputs import Encoded
+from vlmdiff.inputs import IGNORE, Encoded
 from vlmdiff.logs import Log
 from vlmdiff.world.scenes import RELATIONS
 
@@ -79,7 +79,9 @@ def curriculum_batches(
         log(f"curriculum phase {i}: {phase.steps} steps, spatial answers about "
             f"{', '.join(phase.relations)} only ({counted} of {int(spatial.sum())} spatial rows), "
             f"{others} ({int((keep & ~spatial).sum())} rows)")
-        yield from islice(make_batches(data.answers_of(keep)), phase.steps)
+        # a batch whose every answer is held back would give a NaN loss: draw another
+        learning = (b for b in make_batches(data.answers_of(keep)) if bool((b["labels"] != IGNORE).any()))
+        yield from islice(learning, phase.steps)
     if plan:
         log("curriculum done: every answer counts from here on")
     yield from make_batches(data)
