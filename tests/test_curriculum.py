@@ -62,7 +62,7 @@ def test_curriculum_batches_mask_for_the_phase_steps_then_never(conversations):
 
     def make(data):
         while True:
-            yield collate(data, [0, 1], tok.pad_token_id)
+            yield collate(data, range(len(data)), tok.pad_token_id)
 
     logged = []
     it = curriculum_batches(enc, ds["relation"], ds["family"], [Phase(2, ("left of",))], make, logged.append)
@@ -71,13 +71,14 @@ def test_curriculum_batches_mask_for_the_phase_steps_then_never(conversations):
     assert "curriculum phase 1: 2 steps" in logged[0] and "(1 of 2 spatial rows)" in logged[0]
     assert "every other family (1 rows)" in logged[0]
 
-    def alternate(data):
+    def every(data):
         while True:
-            yield collate(data, [1], tok.pad_token_id)  # right of: nothing to learn in the phase
-            yield collate(data, [0], tok.pad_token_id)
+            yield collate(data, range(len(data)), tok.pad_token_id)
 
-    it = curriculum_batches(enc, ds["relation"], ds["family"], [Phase(2, ("left of",), ())], alternate, print)
-    assert [int((next(it)["labels"] != IGNORE).sum()) for _ in range(2)] == [2, 2]  # no empty batch
+    it = curriculum_batches(enc, ds["relation"], ds["family"], [Phase(2, ("left of",), ())], every, print)
+    first = next(it)
+    assert len(first["labels"]) == 1  # the phase draws only the conversation with a left-of answer
+    assert int((first["labels"] != IGNORE).sum()) == 2  # and only that answer counts
 
 
 def test_curriculum_errors_name_the_problem(conversations, tiny_config):
@@ -109,3 +110,11 @@ def test_stage_two_trains_through_a_curriculum(conversations, tiny_config):
     assert [h["step"] for h in history] == [1, 2, 3]
     assert any("curriculum phase 1: 2 steps" in m for m in logged)
     assert any("every answer counts" in m for m in logged)
+
+
+def test_batches_refuse_fewer_sequences_than_a_batch(conversations):
+    from vlmdiff.models.training import batches
+
+    tok, _, _, enc = conversations
+    with pytest.raises(ValueError, match="fewer than one batch of 4"):
+        next(batches(enc, 4, tok.pad_token_id, seed=0))

@@ -66,6 +66,15 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def select(self, idx: Sequence[int]) -> Encoded:
+        """The sequences `idx` (their images and answer rows with them)."""
+        pick = [int(i) for i in idx]
+        return Encoded(
+            [self.input_ids[i] for i in pick], [self.labels[i] for i in pick],
+            None if self.pixel_values is None else self.pixel_values[torch.as_tensor(pick, dtype=torch.long)],
+            None if self.answer_rows is None else [self.answer_rows[i] for i in pick],
+        )
+
     def answers_of(self, keep: np.ndarray) -> Encoded:
         """The same sequences with the loss on the answers of the rows where `keep` holds only."""
         if self.answer_rows is None:

@@ -79,9 +79,13 @@ def curriculum_batches(
         log(f"curriculum phase {i}: {phase.steps} steps, spatial answers about "
             f"{', '.join(phase.relations)} only ({counted} of {int(spatial.sum())} spatial rows), "
             f"{others} ({int((keep & ~spatial).sum())} rows)")
-        # a batch whose every answer is held back would give a NaN loss: draw another
-        learning = (b for b in make_batches(data.answers_of(keep)) if bool((b["labels"] != IGNORE).any()))
-        yield from islice(learning, phase.steps)
+        # only the conversations with an answer that counts: the phase's relations then fill
+        # its batches, and no batch is all held back (a NaN loss)
+        masked = data.answers_of(keep)
+        learning = [i for i, lab in enumerate(masked.labels) if bool((lab != IGNORE).any())]
+        log(f"curriculum phase {i}: {len(learning)} of {len(data)} conversations have answers "
+            "that count")
+        yield from islice(make_batches(masked.select(learning)), phase.steps)
     if plan:
         log("curriculum done: every answer counts from here on")
     yield from make_batches(data)

@@ -115,6 +115,8 @@ def batches(
     sequence length before it is cut into batches, and those batches come in random order: the
     same samples per epoch, far less padding (the toy corpus pads ~30 % with plain batches).
     """
+    if len(data) < batch_size:
+        raise ValueError(f"{len(data)} sequences to train on, fewer than one batch of {batch_size}")
     rng = np.random.default_rng(seed)
     if length_pool <= 1:
         while True:
