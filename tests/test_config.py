@@ -12,7 +12,8 @@ def schema(root):
     return load_schema(root / "schemas/config.schema.yaml")
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "presets/tiny.yaml", "presets/long.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "presets/tiny.yaml", "presets/long.yaml",
+                                  "presets/spatial.yaml"])
 def test_presets_validate(root, schema, name):
     cfg = yaml.safe_load((root / name).read_text())
     validate_config(cfg, schema)
