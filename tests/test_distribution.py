@@ -81,3 +81,12 @@ def test_page_features_are_the_described_then_every_set_member(tmp_path):
     assert got["sets"].tolist() == [["spatial", "ocr"], ["spatial"], ["spatial"], ["ocr"]]
     only = page_features(described, tmp_path / "features.parquet", ["spatial"], False)
     assert only["feature"].tolist() == [4] and only["sets"].tolist() == [["spatial"]]
+
+
+def test_page_features_of_empty_sets_is_an_empty_table(tmp_path):
+    table = pd.DataFrame({"layer": [0, 1], "feature": [3, 4], "spatial_set": [False, False],
+                          "spatial_rank": [None, None]})
+    table.to_parquet(tmp_path / "features.parquet")
+    none = pd.DataFrame(columns=["layer", "feature", "contrast", "rank"])
+    got = page_features(none, tmp_path / "features.parquet", ["spatial"], True)
+    assert got.empty and {"layer", "feature", "described", "sets"} <= set(got.columns)

@@ -172,8 +172,9 @@ def page_features(described: pd.DataFrame, features_path: str | Path,
                  .sort_values("rank") for c in sets]
         if extra:
             rest = pd.concat(extra).drop_duplicates(["layer", "feature"])
-            rest = rest[[k not in taken for k in zip(rest["layer"], rest["feature"],
-                                                     strict=True)]]
+            # a boolean array, not a list: an empty list would select no columns
+            rest = rest.loc[np.array([k not in taken for k in zip(rest["layer"], rest["feature"],
+                                                                  strict=True)], dtype=bool)]
             out = pd.concat([out, rest[out.columns]], ignore_index=True)
     out["sets"] = [member_of.get((int(a), int(b)), []) for a, b in
                    zip(out["layer"], out["feature"], strict=True)]
