@@ -74,6 +74,15 @@ def balanced(qas: Sequence[QA], rng: np.random.Generator) -> QA | None:
     return pool[int(rng.integers(len(pool)))]
 
 
+def even_answers(qas: Sequence[QA]) -> list[QA]:
+    """As many yes as no questions from one scene's `qas` (none unless both occur): chance 0.5."""
+    by_answer: dict[str, list[QA]] = {}
+    for q, a in qas:
+        by_answer.setdefault(a, []).append((q, a))
+    n = min(len(v) for v in by_answer.values()) if len(by_answer) == 2 else 0
+    return [qa for v in by_answer.values() for qa in v[:n]]
+
+
 @torch.no_grad()
 def tower_features(tower: torch.nn.Module, images: Sequence[Any], image_size: int,
                    batch: int = 256) -> torch.Tensor:
@@ -234,15 +243,8 @@ def probe_data(scene_cfg: Mapping[str, Any], tower_dir: str, n_train: int, n_val
                for s in v] for k, v in scenes.items()}
     heldout: dict[str, list[tuple[int, str, str]]] = {"left of": [], "column": []}
     for i, s in enumerate(qas["val"]):
-        for kind in heldout:
-            by_answer: dict[str, list[QA]] = {}
-            for q, a in s[kind]:
-                by_answer.setdefault(a, []).append((q, a))
-            if kind == "left of":  # as many yes as no per image: chance is 0.5
-                n = min((len(v) for v in by_answer.values()), default=0) if len(by_answer) == 2 else 0
-                heldout[kind] += [(i, q, a) for v in by_answer.values() for q, a in v[:n]]
-            else:
-                heldout[kind] += [(i, q, a) for q, a in s[kind]]
+        heldout["left of"] += [(i, q, a) for q, a in even_answers(s["left of"])]
+        heldout["column"] += [(i, q, a) for q, a in s["column"]]
     log(f"{n_train} training and {n_val} held-out scenes; tower features {tuple(feats['train'].shape)}; "
         f"held out: {len(heldout['left of'])} balanced left-of, {len(heldout['column'])} column questions")
     return feats, qas, heldout

@@ -40,7 +40,7 @@ from vlmdiff.world.questions import make_questions
 from vlmdiff.world.scenes import Scene, WorldConfig, sample_scene
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from patch_probe import balanced, left_of_questions  # noqa: E402
+from patch_probe import balanced, even_answers, left_of_questions  # noqa: E402
 
 RELATIONS_SCORED = ("left of", "right of", "above", "below")
 QA = tuple[str, str]
@@ -109,15 +109,7 @@ def batches(
 
 def heldout_left_of(scenes: Sequence[Scene], cfg: WorldConfig) -> list[tuple[int, str, str]]:
     """As many yes as no left-of questions per held-out scene (chance 0.5), ties never asked."""
-    items = []
-    for i, s in enumerate(scenes):
-        by: dict[str, list[QA]] = {}
-        for q, a in left_of_questions(s, cfg):
-            by.setdefault(a, []).append((q, a))
-        if len(by) == 2:
-            n = min(len(v) for v in by.values())
-            items += [(i, q, a) for v in by.values() for q, a in v[:n]]
-    return items
+    return [(i, q, a) for i, s in enumerate(scenes) for q, a in even_answers(left_of_questions(s, cfg))]
 
 
 def evaluate(vlm: Any, processor: Any, items: Sequence[tuple[int, str, str]], images: Sequence[Any],

@@ -82,7 +82,7 @@ def curriculum_batches(
         # only the conversations with an answer that counts: the phase's relations then fill
         # its batches, and no batch is all held back (a NaN loss)
         masked = data.answers_of(keep)
-        learning = [i for i, lab in enumerate(masked.labels) if bool((lab != IGNORE).any())]
+        learning = [c for c, lab in enumerate(masked.labels) if bool((lab != IGNORE).any())]
         log(f"curriculum phase {i}: {len(learning)} of {len(data)} conversations have answers "
             "that count")
         yield from islice(make_batches(masked.select(learning)), phase.steps)

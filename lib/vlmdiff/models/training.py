@@ -288,6 +288,7 @@ def train_vlm_stage(
     params = set_stage_trainable(vlm, stage, stage == 2 or stage_cfg["train_vision"])
     log(f"stage {stage}: {sum(p.numel() for p in params):,} trainable parameters")
     ocfg = OptimConfig.from_mapping(stage_cfg, where)
+
     def make_batches(d: Encoded) -> Iterator[dict[str, torch.Tensor]]:
         return batches(d, ocfg.batch_size, processor.tokenizer.pad_token_id, seed, ocfg.length_pool)
 
