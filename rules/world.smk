@@ -22,6 +22,7 @@ if SHAPES_WORLD:
             scene=config["world"]["scene"],
             sizes=config["world"]["sizes"],
             questions_per_image=config["world"]["questions_per_image"],
+            val_family_weights=config["world"]["val_family_weights"],
             spatial_keywords=config["filters"]["spatial_keywords"],
             ocr_keywords=config["filters"]["ocr_keywords"],
             neutral_prompts=config["neutral_prompts"],

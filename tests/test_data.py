@@ -236,3 +236,26 @@ def test_progress_is_logged(tmp_path: Path) -> None:
     lines: list[str] = []
     write(tmp_path, n_train=30, n_val=30, log=lines.append)
     assert any(re.match(r"train: 30/30 rows \([\d,.]+ rows/s, \d+s elapsed, ETA 0s\)", line) for line in lines)
+
+
+def test_val_family_weights_change_d_base_only(world: tuple[Path, dict], tmp_path: Path) -> None:
+    summary = write(tmp_path, val_family_weights={"spatial": 1.0, "colour": 0, "shape": 0,
+                                                  "count": 0, "existence": 0, "ocr": 0})
+    for f in ("train", "vsr", "corpus"):
+        assert table(tmp_path / f"{f}.parquet").equals(table(world[0] / f"{f}.parquet")), f
+    val = table(tmp_path / "val.parquet")["family"].to_pylist()
+    # a scene with one object has no relation to ask, so its family is redrawn
+    assert val.count("spatial") / len(val) > 0.75 and len(val) == SIZES["n_val"]
+    before = table(world[0] / "val.parquet")["family"].to_pylist()
+    assert before.count("spatial") / len(before) < 0.6
+    assert summary["val_family_weights"]["spatial"] == 1.0
+    with pytest.raises(ValueError, match=r"world\.val_family_weights\.spatail"):
+        write(tmp_path / "bad", val_family_weights={"spatail": 1.0})
+
+
+def test_vsr_asks_the_worlds_relations(tmp_path: Path) -> None:
+    write(tmp_path, cfg={"relations": ["left of", "below"]}, n_vsr=20)
+    rows = table(tmp_path / "vsr.parquet").drop(["image"]).to_pylist()
+    assert sorted(r["relation"] for r in rows) == ["below"] * 10 + ["left of"] * 10
+    with pytest.raises(ValueError, match=r"relations.*between.*needs 3"):
+        write(tmp_path / "bad", cfg={"relations": ["between"], "max_objects": 2})

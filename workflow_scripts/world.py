@@ -8,6 +8,7 @@ world_job(
     seed=p.seed,
     sizes=p.sizes,
     questions_per_image=p.questions_per_image,
+    val_family_weights=p.val_family_weights,
     spatial_keywords=p.spatial_keywords,
     ocr_keywords=p.ocr_keywords,
     neutral_prompts=p.neutral_prompts,

@@ -121,6 +121,10 @@ def _validate(
     )
     if errors:
         err = errors[0]
+        inner = [e for e in err.context if e.validator != "type"]
+        if err.validator == "anyOf" and inner:
+            # "null or a section": the section's own complaint names the key
+            err = max(inner, key=lambda e: len(e.absolute_path))
         path = [*where, *(str(p) for p in err.absolute_path)]
         key = ".".join(path) or "<top level>"
         if err.validator in ("additionalProperties", "unevaluatedProperties"):

@@ -27,6 +27,7 @@ from datasets.utils.tqdm import (
 )
 from PIL import Image as PILImage
 
+from vlmdiff import config
 from vlmdiff.files import atomic_path
 from vlmdiff.logs import Log, Progress
 from vlmdiff.world.drawing import draw
@@ -174,8 +175,16 @@ def _append_vqa(
 
 
 def vsr_relations(cfg: WorldConfig) -> tuple[str, ...]:
-    """Relations a VSR caption can use: "between" needs scenes with three objects."""
-    return RELATIONS if cfg.max_objects >= 3 else BINARY_RELATIONS
+    """Relations a VSR caption can use: those the world asks about (`relations`); "between"
+    needs scenes with three objects."""
+    usable = RELATIONS if cfg.max_objects >= 3 else BINARY_RELATIONS
+    rels = tuple(r for r in usable if r in cfg.relations)
+    if not rels:
+        raise ValueError(
+            f"world.scene.relations: {list(cfg.relations)} leaves no VSR relation with "
+            f"max_objects {cfg.max_objects} (\"between\" needs 3)"
+        )
+    return rels
 
 
 def vsr_caption(rng: np.random.Generator, rel: str, subj: str, obj: str, obj2: str | None) -> str:
@@ -198,9 +207,9 @@ def vsr_rows(
 ) -> dict[str, list[Any]]:
     """Columns of `n` VSR rows, one caption per image; relations cycle evenly and labels are
     50/50 within each relation (exactly, up to one row when counts are odd)."""
-    rels = vsr_relations(cfg)
     if n > 0 and cfg.max_objects < 2:
         raise ValueError("world.max_objects: VSR captions need scenes with at least 2 objects")
+    rels = vsr_relations(cfg)
     jobs = [(rels[i % len(rels)], (i // len(rels)) % 2) for i in range(n)]
     jobs = [jobs[int(j)] for j in rng.permutation(n)]
     cols: dict[str, list[Any]] = {c: [] for c in vsr_features()}
@@ -364,6 +373,15 @@ def _string_list(key: str, values: Sequence[str]) -> list[str]:
     return list(values)
 
 
+def val_world(scene: Mapping[str, Any], family_weights: Mapping[str, float] | None) -> WorldConfig:
+    """The world D_base is drawn from: `scene` with its own family weights, if any (families
+    they leave out take the schema's defaults)."""
+    if family_weights is None:
+        return WorldConfig.from_mapping(scene)
+    weights = config.section("world.val_family_weights", family_weights)
+    return WorldConfig.from_mapping({**scene, "family_weights": weights})
+
+
 def write_world(
     cfg: Mapping[str, Any],
     seed: int,
@@ -377,6 +395,7 @@ def write_world(
     spatial_keywords: Sequence[str],
     ocr_keywords: Sequence[str],
     neutral_prompts: Sequence[str],
+    val_family_weights: Mapping[str, float] | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
     """Draw the world and write every split into `out_dir`; returns the summary.
@@ -385,7 +404,8 @@ def write_world(
     question matches the keywords), vsr.parquet, corpus.parquet, neutral_prompts.json and, last,
     summary.json. `n_train`/`n_val` count question rows. Each split draws from its own child of
     `SeedSequence(seed)`; val never repeats a train scene, and val ids are offset by
-    `VAL_ID_OFFSET` so ids are distinct across the two.
+    `VAL_ID_OFFSET` so ids are distinct across the two. `val_family_weights` gives D_base its
+    own mix of question families (None: the adaptation split's).
     """
     world = WorldConfig.from_mapping(cfg)
     _check_args(n_train, n_val, n_vsr, n_corpus, questions_per_image)
@@ -409,7 +429,7 @@ def write_world(
     train = vqa_rows(world, rngs["train"], n_train, questions_per_image, name="train", log=log)
     write_parquet(to_dataset(train, vqa_features()), out_dir / "train.parquet")
     val = vqa_rows(
-        world,
+        val_world(cfg, val_family_weights),
         rngs["val"],
         n_val,
         questions_per_image,
@@ -437,6 +457,7 @@ def write_world(
         "seed": seed,
         "world": world.to_dict(),
         "questions_per_image": questions_per_image,
+        "val_family_weights": None if val_family_weights is None else dict(val_family_weights),
         "splits": {
             "train": vqa_summary(train),
             "val": vqa_summary(val),
@@ -462,6 +483,7 @@ def world_job(
     ocr_keywords: Sequence[str],
     neutral_prompts: Sequence[str],
     out: Mapping[str, str | os.PathLike],
+    val_family_weights: Mapping[str, float] | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
     """The `world` rule: `write_world` into the folder of `out["summary"]`, where the rule's
@@ -479,5 +501,6 @@ def world_job(
         spatial_keywords=spatial_keywords,
         ocr_keywords=ocr_keywords,
         neutral_prompts=neutral_prompts,
+        val_family_weights=val_family_weights,
         log=log,
     )
