@@ -10,10 +10,10 @@ from vlmdiff.inputs import IGNORE
 from vlmdiff.models.build import make_processor
 from vlmdiff.models.tokenizer import build_tokenizer
 from vlmdiff.world.drawing import draw
-from vlmdiff.world.scenes import RELATIONS, WorldConfig, sample_scene
+from vlmdiff.world.scenes import RELATIONS, WorldConfig, grid_cell, sample_scene
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "research"))
-from stage2_probe import batches, heldout_left_of, parse_phases  # noqa: E402
+from stage2_probe import batches, conversation, heldout_left_of, parse_phases  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +58,25 @@ def test_heldout_left_of_is_balanced_per_scene(world):
     items = heldout_left_of(scenes, WorldConfig.from_mapping(scene))
     answers = [a for _, _, a in items]
     assert items and answers.count("yes") == answers.count("no")
+
+
+def test_grounding_asks_both_objects_places_before_the_relation(world):
+    scene, scenes, _, _ = world
+    cfg = WorldConfig.from_mapping({**scene, "relations": ["left of", "above"]})
+    rng = np.random.default_rng(1)
+    seen = 0
+    for s in scenes:
+        conv = conversation(s, cfg, rng, 1, False, grounding=True)
+        if not conv or len(conv) == 1:
+            continue
+        (q1, a1), (q2, a2), (q3, _) = conv
+        axis = "column" if "left" in q3 else "row"
+        objs = {o.name: o for o in s.objects}
+        for q, a in ((q1, a1), (q2, a2)):
+            name = q.removeprefix(f"what {axis} is the ").removesuffix(" in?")
+            o = objs[name]
+            assert a == str(grid_cell(o.x if axis == "column" else o.y, s.image_size, cfg.text_grid))
+        subj, obj = q1[len(f"what {axis} is the "):-4], q2[len(f"what {axis} is the "):-4]
+        assert q3.index(subj) < q3.index(obj)
+        seen += 1
+    assert seen >= 10
