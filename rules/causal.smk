@@ -124,7 +124,8 @@ rule vsr_activations:
 
 rule attention_overlays:
     """Figures 4, 14, 15 and 16: attention of top-, bottom-ranked and recurring heads drawn
-    over the features' top-activating VQA and VSR images, and under custom queries."""
+    over the features' top-activating VQA and VSR images, and under custom queries; in the
+    shapes world, how much of the top and bottom heads' attention falls on the named objects."""
     input:
         vlm=f"{R}/models/vlm_stage2",
         scores=f"{R}/causal/attribution.nc",
@@ -134,6 +135,7 @@ rule attention_overlays:
         acts=f"{R}/causal/vsr_activations.nc",
     output:
         **figure_outputs(OVERLAY_FIGURES),
+        focus=f"{R}/tables/head_object_attention.csv",
     log:
         f"{LOGS}/causal/attention_overlays.log",
     benchmark:

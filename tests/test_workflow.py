@@ -295,6 +295,11 @@ def test_causal_outputs(tiny_run, tiny_config):
         assert r"\begin{tabular}" in (tables / f"{name}.tex").read_text()
     steering = pd.read_csv(tables / "steering.csv")
     assert steering["flip_rate"].between(0, 1).all()
+    focus = pd.read_csv(tables / "head_object_attention.csv")
+    assert set(focus["feature"]) <= set(heads["feature"]) and set(focus["rank"]) <= {"top", "bottom"}
+    assert focus["share"].between(0, 1).all() and focus["even"].between(0, 1, inclusive="right").all()
+    assert (focus["lift_ci_low"] <= focus["lift"] + 1e-9).all()
+    assert n_features == 0 or not focus.empty
     for fig in ("fig4_recurring_head", "fig12_attribution_layers", "fig13_attribution_heads",
                 "fig14_attribution_features", "fig15_bottom_heads", "fig16_custom_queries",
                 "fig_attribution_vs_patching", "fig_steering_flip_rate"):

@@ -20,6 +20,7 @@ attention_overlays_job(
         custom_queries=o["custom_queries"],
         unrelated_queries=o["unrelated_queries"],
         custom_images=o["custom_images"],
+        object_samples=o["object_samples"],
         device=p.device,
     ),
     out=dict(snakemake.output.items()),

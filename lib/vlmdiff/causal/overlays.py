@@ -20,7 +20,9 @@ import xarray as xr
 from vlmdiff.causal.ablation import relation_subset, top_vsr_rows, vsr_split
 from vlmdiff.causal.attention import attention_to_image
 from vlmdiff.causal.figures import Overlay, fig14_feature_panels, overlay_grid
+from vlmdiff.causal.focus import focus_rows, focus_summary
 from vlmdiff.causal.heads import feature_head_scores, head_label, ranked_heads
+from vlmdiff.files import write_table
 from vlmdiff.logs import Log
 from vlmdiff.plots import save
 
@@ -49,8 +51,9 @@ def recurring_head(ds: xr.Dataset, variant: str, n: int = 3) -> tuple[tuple[int,
     return best, members[best]
 
 
-class _Samples:
-    """Top-activating VQA and VSR samples of each feature, with their images and questions."""
+class Sources:
+    """Top-activating VQA and VSR samples of each feature, with their images, questions and
+    (shapes world) scenes."""
 
     def __init__(self, val: Any, vsr: Any, vqa_top: Mapping[str, np.ndarray],
                  vsr_top: Mapping[str, np.ndarray]) -> None:
@@ -58,11 +61,17 @@ class _Samples:
 
     def picks(self, feat: str, n: int) -> list[tuple[str, Any, str]]:
         """Up to `n` (source, image, question) pairs per source, VQA first."""
+        return [(name, img, q) for name, _, img, q, _ in self.rows(feat, n)]
+
+    def rows(self, feat: str, n: int) -> list[tuple[str, int, Any, str, str | None]]:
+        """Up to `n` (source, row, image, question, scene JSON or None) per source, VQA first."""
         out = []
         for name, ds, top in (("VQA", self.val, self.vqa_top), ("VSR", self.vsr, self.vsr_top)):
+            has_scene = "scene" in ds.column_names
             for r in list(top.get(feat, []))[:n]:
                 row = ds[int(r)]
-                out.append((name, row["image"], row["question"]))
+                out.append((name, int(r), row["image"], row["question"],
+                            row["scene"] if has_scene else None))
         return out
 
 
@@ -81,6 +90,7 @@ class OverlaySettings:
     unrelated_queries: Sequence[str]
     custom_images: int
     device: str
+    object_samples: int
 
 
 def attention_overlays_job(
@@ -101,6 +111,8 @@ def attention_overlays_job(
                               vsr_acts_path, settings, log)
     for key in ("fig4", "fig14", "fig15", "fig16"):
         save(figures[key], out[key], out[f"{key}_pdf"])
+    if "focus" in out:
+        write_table(figures["focus"], out["focus"])
     return figures
 
 
@@ -135,6 +147,7 @@ def overlay_figures(
             "fig4": overlay_grid([], "A recurring head across related features", [], empty),
             "fig16": overlay_grid([], "A high-attribution head under custom queries", [], empty),
             "heads": heads_table,
+            "focus": focus_summary(pd.DataFrame()),
         }
     dev = resolve_device(settings.device)
     model, processor = load_vlm(Path(vlm_dir), dev)
@@ -150,7 +163,7 @@ def overlay_figures(
     relations = {f: ", ".join(relation_subset(np.asarray(vsr["relation"]), vsr_top[f],
                                               settings.min_relation_share)[0])
                  for f in feats}
-    samples = _Samples(val, vsr, vqa_top, vsr_top)
+    samples = Sources(val, vsr, vqa_top, vsr_top)
 
     def draw(head: tuple[int, int], picks: Sequence[tuple[str, Any, str]], note: str,
              queries: Sequence[str] | None = None) -> list[Overlay]:
@@ -173,6 +186,12 @@ def overlay_figures(
                          for o in draw(bottoms[m], picks, f"bottom head, {m}")])
     log(f"overlays for {len(feats)} feature(s): top and bottom heads")
     out: dict[str, Any] = {"heads": heads_table}
+    n_obj = settings.object_samples
+    obj_rows = top_samples(stats_paths, "val", table, n_obj)
+    obj_top = {f: obj_rows.get((int(a), int(b)), np.zeros(0, int))
+               for f, a, b in zip(feats, table["layer"], table["feature"], strict=True)}
+    out["focus"] = head_focus(ds, feats, variant, Sources(val, vsr, obj_top, vsr_top), n_obj,
+                              model, processor, dev, log)
     out["fig14"] = fig14_feature_panels(ds, variant, panels, relations)
     out["fig15"] = overlay_grid(
         controls, "Bottom-ranked heads (control): attention of the lowest-|score| head per "
@@ -208,3 +227,35 @@ def overlay_figures(
         [f"image {i + 1}" for i in range(len(rows))], "no images")
     log(f"recurring head {head_label(*head)} among the top heads of {related}")
     return out
+
+
+def head_focus(ds: xr.Dataset, feats: Sequence[str], variant: str, samples: Sources, n: int,
+               model: Any, processor: Any, device: Any, log: Log = print) -> pd.DataFrame:
+    """`focus_summary` of each feature's top and bottom head by methods A and B over its top
+    `n` VQA and VSR samples: how much of the head's image attention falls on the named
+    objects' patches, against an even spread."""
+    rows = []
+    for feat in feats:
+        picks = [p for p in samples.rows(feat, n) if p[4]]
+        if not picks:
+            continue
+        heads = {}
+        for m in ("A", "B"):
+            grid = feature_head_scores(ds, feat, m, variant)
+            heads[m, "top"] = ranked_heads(grid, 1)[0]
+            heads[m, "bottom"] = ranked_heads(grid, 1, bottom=True)[0]
+        order = list(dict.fromkeys(heads.values()))
+        maps = attention_to_image(model, processor, [p[2] for p in picks], [p[3] for p in picks],
+                                  order, device=device)
+        for (m, rank), head in heads.items():
+            for r in focus_rows(maps[:, order.index(head)], [p[4] for p in picks],
+                                [p[3] for p in picks]):
+                src, row, _, q, _ = picks[r.pop("sample")]
+                rows.append({"feature": feat, "method": m, "rank": rank, "layer": head[0],
+                             "head": head[1], "source": src, "row": row, "question": q, **r})
+    table = focus_summary(pd.DataFrame(rows))
+    for (m, rank), part in table.groupby(["method", "rank"]):
+        log(f"method {m}, {rank} heads: {part['share'].mean():.2f} of the image attention on the "
+            f"named objects, against {part['even'].mean():.2f} for an even spread "
+            f"(lift {part['lift'].mean():.2f}, {len(part)} feature(s))")
+    return table
