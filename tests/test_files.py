@@ -55,3 +55,23 @@ def test_temporaries_a_killed_job_left_are_removed_on_the_next_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp99999.csv", "model",
                                                          "table.csv"]
     assert (tmp_path / "model" / "weights").read_text() == "whole again"
+
+
+def test_safetensors_files_get_the_umask_mode(tmp_path):
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+    from vlmdiff.files import atomic_dir
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "model") as tmp:
+            (tmp / "sub").mkdir()
+            save_file({"w": torch.zeros(2)}, str(tmp / "sub" / "model.safetensors"))
+            (tmp / "config.json").write_text("{}")
+            os.chmod(tmp / "sub" / "model.safetensors", 0o600)  # as safetensors 0.8 writes
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "model/sub/model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model/config.json").stat().st_mode & 0o777 == 0o644

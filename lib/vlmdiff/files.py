@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -59,6 +60,26 @@ def write_netcdf(data: xr.Dataset | xr.DataArray, path: str | os.PathLike) -> Pa
     return Path(path)
 
 
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def share_safetensors(folder: str | os.PathLike) -> None:
+    """Give the `.safetensors` files under `folder` the mode a plain `open` gives (0666 less the
+    umask), and `folder` that of a plain `mkdir`: safetensors 0.8 writes its files 0600
+    (safetensors#782), and `tempfile.mkdtemp` makes 0700 folders, so that a cluster's other
+    users, or a container's, could not read the models and SAEs a run wrote."""
+    folder, mask = Path(folder), _umask()
+    if folder.stat().st_mode & 0o777 == 0o700:
+        folder.chmod(0o777 & ~mask)
+    for f in folder.rglob("*.safetensors"):
+        if f.is_file() and f.stat().st_mode & 0o777 != 0o666 & ~mask:
+            f.chmod(0o666 & ~mask)
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary folder beside `path` to fill; it replaces `path` on success, swapped in so
@@ -69,6 +90,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        share_safetensors(tmp)
         if path.exists():
             old = _temporary_name(path.with_name(f"{path.name}.old"))
             os.replace(path, old)

@@ -249,6 +249,8 @@ def _save_plain(tokenizer: Any, lm: Any, target: Path) -> None:
     import copy
     import tempfile
 
+    from vlmdiff.files import share_safetensors
+
     config = copy.deepcopy(lm.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -260,6 +262,7 @@ def _save_plain(tokenizer: Any, lm: Any, target: Path) -> None:
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        share_safetensors(tmp)
         if not target.exists():  # else another job kept its copy first
             tmp.rename(target)
     finally:
