@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from vlmdiff.config import merged_config
 from vlmdiff.files import write_table
-from vlmdiff.inputs import collate, encode_conversations, user_prompt
+from vlmdiff.inputs import collate, conversation_messages, encode_conversations, user_prompt
 from vlmdiff.models.build import load_vlm
 from vlmdiff.models.evaluation import predict_next_token
 from vlmdiff.models.training import OptimConfig, set_stage_trainable, train
@@ -155,10 +155,7 @@ def predict_after(vlm: Any, processor: Any, turns: Sequence[Sequence[QA]], quest
     for start in range(0, len(questions), batch_size):
         texts = []
         for prev, q in zip(turns[start:start + batch_size], questions[start:start + batch_size], strict=True):
-            messages: list[dict] = []
-            for i, (pq, pa) in enumerate(prev):
-                messages += user_prompt(pq, with_image=i == 0)
-                messages.append({"role": "assistant", "content": pa})
+            messages = conversation_messages([pq for pq, _ in prev], [pa for _, pa in prev])
             messages += user_prompt(q, with_image=not prev)
             texts.append(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
         batch = processor(text=texts, images=list(images[start:start + batch_size]), return_tensors="pt",

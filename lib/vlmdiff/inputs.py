@@ -174,7 +174,7 @@ def encode_conversations(
     assistant = tok.convert_tokens_to_ids(ASSISTANT)
     if first_rows is None:
         first_rows = np.cumsum([0, *map(len, questions)])[:-1].tolist()
-    texts = [tok.apply_chat_template(_conversation(q, a), tokenize=False)
+    texts = [tok.apply_chat_template(conversation_messages(q, a), tokenize=False)
              for q, a in zip(questions, answers, strict=True)]
     batch = processor(text=texts, images=list(images), padding=False)
     ids, labels, rows = [], [], []
@@ -217,7 +217,8 @@ def image_groups(image_ids: Sequence) -> list[tuple[int, int]]:
     return bounds
 
 
-def _conversation(questions: Sequence[str], answers: Sequence[str]) -> list[dict]:
+def conversation_messages(questions: Sequence[str], answers: Sequence[str]) -> list[dict]:
+    """Chat messages of a conversation about one image: the image in the first user turn."""
     messages: list[dict] = []
     for i, (q, a) in enumerate(zip(questions, answers, strict=True)):
         messages += user_prompt(q, with_image=i == 0)

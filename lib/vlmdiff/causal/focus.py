@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,9 +24,8 @@ SUMMARY_COLUMNS = ["feature", "method", "rank", "layer", "head", "n", "share", "
 
 def named_objects(question: str, scene: Scene) -> list[str]:
     """The scene's objects whose full name ("red circle") the question uses, in scene order."""
-    text = f" {question.lower()} "
-    return [o.name for o in scene.objects if f" {o.name} " in text or f" {o.name}?" in text
-            or f" {o.name}." in text]
+    text = question.lower()
+    return [o.name for o in scene.objects if re.search(rf"\b{re.escape(o.name)}\b", text)]
 
 
 def object_patches(scene: Scene, names: Sequence[str], grid: int) -> np.ndarray:

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -51,6 +51,14 @@ def recurring_head(ds: xr.Dataset, variant: str, n: int = 3) -> tuple[tuple[int,
     return best, members[best]
 
 
+class Sample(NamedTuple):
+    source: str  # "VQA" or "VSR"
+    row: int
+    image: Any
+    question: str
+    scene: str | None  # the shapes world's ground truth, as JSON
+
+
 class Sources:
     """Top-activating VQA and VSR samples of each feature, with their images, questions and
     (shapes world) scenes."""
@@ -61,17 +69,17 @@ class Sources:
 
     def picks(self, feat: str, n: int) -> list[tuple[str, Any, str]]:
         """Up to `n` (source, image, question) pairs per source, VQA first."""
-        return [(name, img, q) for name, _, img, q, _ in self.rows(feat, n)]
+        return [(s.source, s.image, s.question) for s in self.rows(feat, n)]
 
-    def rows(self, feat: str, n: int) -> list[tuple[str, int, Any, str, str | None]]:
-        """Up to `n` (source, row, image, question, scene JSON or None) per source, VQA first."""
+    def rows(self, feat: str, n: int) -> list[Sample]:
+        """Up to `n` samples per source, VQA first."""
         out = []
         for name, ds, top in (("VQA", self.val, self.vqa_top), ("VSR", self.vsr, self.vsr_top)):
             has_scene = "scene" in ds.column_names
             for r in list(top.get(feat, []))[:n]:
                 row = ds[int(r)]
-                out.append((name, int(r), row["image"], row["question"],
-                            row["scene"] if has_scene else None))
+                out.append(Sample(name, int(r), row["image"], row["question"],
+                                  row["scene"] if has_scene else None))
         return out
 
 
@@ -111,8 +119,7 @@ def attention_overlays_job(
                               vsr_acts_path, settings, log)
     for key in ("fig4", "fig14", "fig15", "fig16"):
         save(figures[key], out[key], out[f"{key}_pdf"])
-    if "focus" in out:
-        write_table(figures["focus"], out["focus"])
+    write_table(figures["focus"], out["focus"])
     return figures
 
 
@@ -156,7 +163,9 @@ def overlay_figures(
     acts = xr.load_dataarray(vsr_acts_path)
     table = pd.DataFrame({"layer": ds["feature_layer"].values,
                           "feature": ds["feature_index"].values})
-    vqa_rows = top_samples(stats_paths, "val", table, settings.samples_per_source)
+    # ranked lists, so one read serves the overlays' first few and the focus table's more
+    vqa_rows = top_samples(stats_paths, "val", table,
+                           max(settings.samples_per_source, settings.object_samples))
     vqa_top = {f: vqa_rows.get((int(a), int(b)), np.zeros(0, int))
                for f, a, b in zip(feats, table["layer"], table["feature"], strict=True)}
     vsr_top = {f: top_vsr_rows(acts, f, settings.top_vsr) for f in feats}
@@ -186,12 +195,8 @@ def overlay_figures(
                          for o in draw(bottoms[m], picks, f"bottom head, {m}")])
     log(f"overlays for {len(feats)} feature(s): top and bottom heads")
     out: dict[str, Any] = {"heads": heads_table}
-    n_obj = settings.object_samples
-    obj_rows = top_samples(stats_paths, "val", table, n_obj)
-    obj_top = {f: obj_rows.get((int(a), int(b)), np.zeros(0, int))
-               for f, a, b in zip(feats, table["layer"], table["feature"], strict=True)}
-    out["focus"] = head_focus(ds, feats, variant, Sources(val, vsr, obj_top, vsr_top), n_obj,
-                              model, processor, dev, log)
+    out["focus"] = head_focus(ds, feats, variant, samples, settings.object_samples, model,
+                              processor, dev, log)
     out["fig14"] = fig14_feature_panels(ds, variant, panels, relations)
     out["fig15"] = overlay_grid(
         controls, "Bottom-ranked heads (control): attention of the lowest-|score| head per "
@@ -236,7 +241,7 @@ def head_focus(ds: xr.Dataset, feats: Sequence[str], variant: str, samples: Sour
     objects' patches, against an even spread."""
     rows = []
     for feat in feats:
-        picks = [p for p in samples.rows(feat, n) if p[4]]
+        picks = [p for p in samples.rows(feat, n) if p.scene]
         if not picks:
             continue
         heads = {}
@@ -245,14 +250,15 @@ def head_focus(ds: xr.Dataset, feats: Sequence[str], variant: str, samples: Sour
             heads[m, "top"] = ranked_heads(grid, 1)[0]
             heads[m, "bottom"] = ranked_heads(grid, 1, bottom=True)[0]
         order = list(dict.fromkeys(heads.values()))
-        maps = attention_to_image(model, processor, [p[2] for p in picks], [p[3] for p in picks],
-                                  order, device=device)
+        questions = [p.question for p in picks]
+        maps = attention_to_image(model, processor, [p.image for p in picks], questions, order,
+                                  device=device)
         for (m, rank), head in heads.items():
-            for r in focus_rows(maps[:, order.index(head)], [p[4] for p in picks],
-                                [p[3] for p in picks]):
-                src, row, _, q, _ = picks[r.pop("sample")]
+            for r in focus_rows(maps[:, order.index(head)], [p.scene for p in picks], questions):
+                p = picks[r.pop("sample")]
                 rows.append({"feature": feat, "method": m, "rank": rank, "layer": head[0],
-                             "head": head[1], "source": src, "row": row, "question": q, **r})
+                             "head": head[1], "source": p.source, "row": p.row,
+                             "question": p.question, **r})
     table = focus_summary(pd.DataFrame(rows))
     for (m, rank), part in table.groupby(["method", "rank"]):
         log(f"method {m}, {rank} heads: {part['share'].mean():.2f} of the image attention on the "
