@@ -13,7 +13,7 @@ import zarr
 from datasets import Dataset, Features, Sequence, Value
 from vlmdiff.cache.read import CacheReadError, iter_batches, iter_samples, open_cache, token_mask
 from vlmdiff.cache.store import CacheWriteError, ChunkWriter
-from vlmdiff.cache.write import _prefetched, write_cache
+from vlmdiff.cache.write import _prefetched, select_tokens, write_cache
 from vlmdiff.hooks import language_layers
 from vlmdiff.inputs import encode_corpus, prompt_texts
 from vlmdiff.models.build import build_lm, build_vlm, make_processor
@@ -192,6 +192,21 @@ def test_image_subsampling_is_seeded_and_batch_independent(
     np.testing.assert_allclose(a["layer_1"], b["layer_1"], atol=ATOL)
     assert not np.array_equal(a["position"], c["position"])
     np.testing.assert_array_equal(a["position"][~a["is_image"]], c["position"][~c["is_image"]])
+
+
+def test_image_subsets_are_uniform_over_positions():
+    """Each image position is kept about k/n of the time, and rows differ in what they keep."""
+    n_rows, n_image, k = 4000, 36, 8
+    ids = torch.full((n_rows, n_image + 4), 5)
+    ids[:, 2 : 2 + n_image] = 9
+    keep, meta = select_tokens(ids, torch.ones_like(ids), np.arange(n_rows), None, 9, k, seed=3)
+    image = keep[:, 2 : 2 + n_image]
+    assert (image.sum(dim=1) == k).all() and keep[:, :2].all() and keep[:, -2:].all()
+    share = image.float().mean(dim=0).numpy()
+    sigma = np.sqrt(k / n_image * (1 - k / n_image) / n_rows)
+    assert np.abs(share - k / n_image).max() < 4.5 * sigma
+    assert len({tuple(r) for r in image[:200].int().tolist()}) > 195
+    assert meta["is_image"].sum() == n_rows * k
 
 
 def test_token_mask_selects_regimes():

@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-
 # ----------------------------------------------------------------------------------- writing
 
 
@@ -317,8 +316,9 @@ def select_tokens(
     """Which tokens of a padded batch are stored, and their metadata in row-major order.
 
     Padding and the leading BOS are dropped; every text token is kept; of each sample's image
-    tokens a random subset of `image_tokens_per_sample` is kept, drawn from an RNG seeded by
-    `(seed, row)` so the choice does not depend on batching or sharding.
+    tokens the `image_tokens_per_sample` with the smallest hash keys of `(seed, row, j)` (`j`:
+    the image token's ordinal in its row) are kept, a random subset that does not depend on
+    batching or sharding.
     """
     attn = attention_mask.bool()
     position = attn.long().cumsum(dim=1) - 1
@@ -328,13 +328,16 @@ def select_tokens(
     is_image = input_ids == image_id if image_id is not None else torch.zeros_like(keep)
     is_image &= keep
     k = image_tokens_per_sample
-    if k:
-        for b, row in enumerate(rows):
-            where = torch.nonzero(is_image[b]).flatten().numpy()
-            if len(where) > k:
-                rng = np.random.default_rng([seed, int(row)])
-                drop = np.setdiff1d(where, rng.choice(where, size=k, replace=False))
-                keep[b, torch.from_numpy(drop)] = False
+    if k and bool((is_image.sum(dim=1) > k).any()):
+        image = is_image.numpy()
+        ordinal = np.cumsum(image, axis=1, dtype=np.uint64)
+        keys = np.where(image, _hash_keys(seed, np.asarray(rows), ordinal), np.uint64(2**64 - 1))
+        rank = np.empty_like(keys, dtype=np.int64)
+        np.put_along_axis(
+            rank, np.argsort(keys, axis=1, kind="stable"), np.arange(keys.shape[1])[None], axis=1
+        )
+        keep &= ~torch.from_numpy(image & (rank >= k))
+        is_image &= keep
     sample = torch.from_numpy(np.asarray(rows, dtype=np.int64))[:, None].expand_as(keep)
     meta = {
         "sample": sample[keep].numpy(),
@@ -345,12 +348,17 @@ def select_tokens(
     return keep, meta
 
 
-
-
-
-
-
-
+def _hash_keys(seed: int, rows: np.ndarray, ordinal: np.ndarray) -> np.ndarray:
+    """Pseudo-random uint64 keys of `(seed, row, ordinal)`: splitmix64's finaliser."""
+    # arrays throughout: numpy wraps uint64 arithmetic on arrays silently, on scalars it warns
+    x = np.full((len(rows), 1), seed % 2**64, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    x ^= rows.astype(np.uint64)[:, None]
+    x = x * np.uint64(0xD1B54A32D192ED03) + ordinal
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def _check_mode(mode: str, text_source: str) -> None:
@@ -377,8 +385,6 @@ def _image_token_id(model: torch.nn.Module) -> int | None:
     config = model.config
     value = getattr(config, "image_token_id", None)
     return getattr(config, "image_token_index", None) if value is None else value
-
-
 
 
 def _progress(done: int, total: int, start: int, stored: int, forwarded: int, timer: _Timer) -> str:
@@ -408,8 +414,6 @@ class _Timer:
             yield
         finally:
             self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
-
-
 
 
 def cache_activations_job(
