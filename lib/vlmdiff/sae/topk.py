@@ -248,7 +248,9 @@ class TopKSAE(nn.Module):
         """Project each decoder column's gradient onto the column's orthogonal complement."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(dim=0, keepdim=True)
+        # column-wise dots as a batch of tiny products: no `[d_model, d_sae]` temporary
+        grad, w = self.W_dec.grad, self.W_dec
+        parallel = torch.bmm(grad.T.unsqueeze(1), w.T.unsqueeze(2)).view(1, -1)
         self.W_dec.grad.addcmul_(parallel, self.W_dec, value=-1)
 
     def save(
