@@ -4,7 +4,16 @@ import math
 import pytest
 import torch
 from vlmdiff.sae.topk import TopKSAE, fvu
-from vlmdiff.sae.training import CHECKPOINT_FILE, Batch, TrainConfig, evaluate, lr_at, train_sae
+from vlmdiff.sae.training import (
+    CHECKPOINT_FILE,
+    Batch,
+    TrainConfig,
+    evaluate,
+    lr_at,
+    make_optimiser,
+    optimiser_step,
+    train_sae,
+)
 
 D_MODEL, D_SAE, ACTIVE = 32, 256, 4
 
@@ -44,6 +53,35 @@ def config(**overrides) -> TrainConfig:
 def train(sae: TopKSAE, batches, cfg: TrainConfig, **kw):
     kw = {"eval_batches": lambda: EVAL, "layer": 0, "regime": "full", "log": lambda s: None, **kw}
     return train_sae(sae, batches, cfg, **kw)
+
+
+def test_recycled_gradient_buffers_give_the_steps_of_fresh_ones():
+    """The trainer writes each step's weight gradients over the last step's buffers; the
+    weights come out as with `zero_grad`, and the buffers are the same memory every step."""
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(96, 16, generator=gen) for _ in range(3)]
+    mask, dead = torch.ones(96, dtype=torch.bool), torch.arange(128) % 3 == 0
+    a, b = TopKSAE.from_random(16, 128, 4, seed=1), TopKSAE.from_random(16, 128, 4, seed=1)
+    opt_a, opt_b = make_optimiser(a, 1e-3), make_optimiser(b, 1e-3)
+    for i, x in enumerate(xs):
+        if i:
+            # the spares stay alive until the backward has written: no fresh allocation can
+            # take their addresses, so equal addresses mean the gradients went into them
+            a.recycle_grads()
+            spares = {n: t.data_ptr() for n, t in a._spare_grads.items()}
+            assert spares.keys() == {"W_enc", "W_dec"}
+        optimiser_step(a, opt_a, x, mask, dead, auxk_alpha=1 / 32)
+        if i:
+            assert a.W_enc.grad.data_ptr() == spares["W_enc"]
+            assert a.W_dec.grad.data_ptr() == spares["W_dec"]
+        opt_b.zero_grad(set_to_none=True)
+        out = b(x, dead_mask=dead, loss_mask=mask)
+        (out.fvu + out.auxk_loss / 32).backward()
+        b.remove_gradient_parallel_to_decoder_directions()
+        opt_b.step()
+        b.set_decoder_norm_to_unit_norm()
+    for name, value in a.state_dict().items():
+        torch.testing.assert_close(value, b.state_dict()[name], rtol=1e-5, atol=1e-6)
 
 
 def test_lr_rule():

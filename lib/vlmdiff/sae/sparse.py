@@ -64,9 +64,12 @@ class Pattern:
             at += r * j
         return out
 
-    def scatter(self, values: Tensor, dense: Tensor, weight: Tensor) -> Tensor:
+    def scatter(
+        self, values: Tensor, dense: Tensor, weight: Tensor, out: Tensor | None = None
+    ) -> Tensor:
         """`G^T dense`, `[d_sae, d]`, for `G[bag, latent] = value` of every entry and `dense`
-        `[bags, d]`; `weight` is any `[d_sae, d]` tensor of the result's dtype."""
+        `[bags, d]`; `weight` is any `[d_sae, d]` tensor of the result's dtype. The result may
+        be written into `out` (a spare `[d_sae, d]` buffer; its contents are overwritten)."""
         if not _csr_kernels(dense):
             # embedding_bag's backward scatters without forming [entries, d].
             with torch.enable_grad():
@@ -86,9 +89,12 @@ class Pattern:
                 (self.d_sae, dense.shape[0]),
                 check_invariants=False,
             )
-            # into a fresh output: `g @ dense` fills a zeroed temporary and copies it over,
-            # two extra passes over `[d_sae, d]` that cost more than the product at large sizes
-            out = dense.new_empty(self.d_sae, dense.shape[1])
+            # into an output of ours: `g @ dense` fills a zeroed temporary and copies it over,
+            # two extra passes over `[d_sae, d]` that cost more than the product at large
+            # sizes; a spare buffer also saves the page faults of a fresh one
+            shape = (self.d_sae, dense.shape[1])
+            if not _fits(out, shape, dense):
+                out = dense.new_empty(shape)
             return torch.addmm(out, g, dense, beta=0, out=out)
 
     def gather_dots(self, dense: Tensor, rows: Tensor) -> Tensor:
@@ -121,6 +127,15 @@ class Pattern:
         return self._csr
 
 
+def _fits(buf: Tensor | None, shape: tuple[int, ...], like: Tensor) -> bool:
+    return (
+        buf is not None
+        and buf.shape == shape
+        and buf.is_contiguous()
+        and (buf.device, buf.dtype) == (like.device, like.dtype)
+    )
+
+
 def _csr_kernels(t: Tensor) -> bool:
     """Whether the CPU's sparse CSR kernels (MKL) take `t`: float32 and float64 only.
 
@@ -134,10 +149,13 @@ def decode_rows(acts: Tensor, indices: Tensor, rows: Tensor) -> Tensor:
     return F.embedding_bag(indices, rows, per_sample_weights=acts, mode="sum")
 
 
-def decode_pattern(acts: Tensor, pattern: Pattern, rows: Tensor) -> Tensor:
+def decode_pattern(
+    acts: Tensor, pattern: Pattern, rows: Tensor, grad_out: Tensor | None = None
+) -> Tensor:
     """Every bag of `pattern` decoded, `[bags, d]`, from the entries' values `acts` `[entries]`;
-    the gradient of `rows` scatters through the pattern."""
-    return _DecodeRows.apply(acts, rows, pattern)
+    the gradient of `rows` scatters through the pattern (into `grad_out` where it fits: a
+    spare buffer the caller gives up)."""
+    return _DecodeRows.apply(acts, rows, pattern, grad_out)
 
 
 @torch.no_grad()
@@ -151,10 +169,18 @@ def topk_scores(
     return pre, pre.topk(k, dim=-1, sorted=False).indices
 
 
-def encode_at(x: Tensor, weight: Tensor, bias: Tensor, pattern: Pattern, values: Tensor) -> Tensor:
+def encode_at(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    pattern: Pattern,
+    values: Tensor,
+    grad_out: Tensor | None = None,
+) -> Tensor:
     """`ReLU(x W^T + b)` at every entry of `pattern` (token and latent), given as `values`
-    `[entries]` (read from the dense product), with a gradient that touches only those."""
-    return _EncodeAt.apply(x, weight, bias, pattern, values)
+    `[entries]` (read from the dense product), with a gradient that touches only those (the
+    weight's written into `grad_out` where it fits)."""
+    return _EncodeAt.apply(x, weight, bias, pattern, values, grad_out)
 
 
 @torch.no_grad()
@@ -179,16 +205,23 @@ def reuse(buf: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
 class _EncodeAt(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, pattern: Pattern, values: Tensor
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        pattern: Pattern,
+        values: Tensor,
+        grad_out: Tensor | None,
     ):
         ctx.save_for_backward(x, weight, values)
-        ctx.pattern = pattern
+        ctx.pattern, ctx.grad_out = pattern, grad_out
         return values.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):
         x, weight, values = ctx.saved_tensors
         p: Pattern = ctx.pattern
+        out, ctx.grad_out = ctx.grad_out, None  # no reference left: autograd keeps the result
         # ReLU: no gradient where the value was clipped to zero.
         g = grad.masked_fill(values <= 0, 0).to(weight.dtype)
         grad_x = grad_w = grad_b = None
@@ -198,17 +231,17 @@ class _EncodeAt(torch.autograd.Function):
             )
             grad_x = torch.zeros_like(x).index_add_(0, p.tokens, per_bag.to(x.dtype))
         if ctx.needs_input_grad[1]:
-            grad_w = p.scatter(g, p.rows_of(x.to(weight.dtype)), weight)
+            grad_w = p.scatter(g, p.rows_of(x.to(weight.dtype)), weight, out)
         if ctx.needs_input_grad[2]:
             grad_b = weight.new_zeros(weight.shape[0]).index_add_(0, p.latents, g)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class _DecodeRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, acts: Tensor, rows: Tensor, pattern: Pattern):
+    def forward(ctx: Any, acts: Tensor, rows: Tensor, pattern: Pattern, grad_out: Tensor | None):
         ctx.save_for_backward(acts, rows)
-        ctx.pattern = pattern
+        ctx.pattern, ctx.grad_out = pattern, grad_out
         return F.embedding_bag(
             pattern.latents, rows, pattern.offsets, mode="sum", per_sample_weights=acts
         )
@@ -217,9 +250,10 @@ class _DecodeRows(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor):
         acts, rows = ctx.saved_tensors
         p: Pattern = ctx.pattern
+        out, ctx.grad_out = ctx.grad_out, None
         grad_acts = grad_rows = None
         if ctx.needs_input_grad[0]:
             grad_acts = p.gather_dots(grad.contiguous(), rows)
         if ctx.needs_input_grad[1]:
-            grad_rows = p.scatter(acts, grad, rows)
-        return grad_acts, grad_rows, None
+            grad_rows = p.scatter(acts, grad, rows, out)
+        return grad_acts, grad_rows, None, None

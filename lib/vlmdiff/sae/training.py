@@ -342,6 +342,7 @@ def optimiser_step(
 ) -> tuple[ForwardOutput, float]:
     """Forward, FVU + `auxk_alpha` * AuxK, backward, decoder-gradient projection, the optimiser's
     step, renormalisation; FloatingPointError, with no update, if the loss is not finite."""
+    sae.recycle_grads()
     out = sae(x, dead_mask=dead_mask, loss_mask=loss_mask, k_aux=k_aux)
     loss = out.fvu + auxk_alpha * out.auxk_loss
     loss_value = loss.item()
