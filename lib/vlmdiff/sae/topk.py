@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -224,19 +225,22 @@ class TopKSAE(nn.Module):
         )
         decoded = sparse.decode_pattern(acts, pattern, self.W_dec.T, spare.pop("W_dec", None))
         top_acts = pattern.split(acts)[0]
-        sae_out = (decoded[:n] + self.b_dec) / self.norm_factor
+        # one split, not two slices: each slice's backward would zero a `decoded`-sized buffer
+        parts = decoded.split([n, decoded.shape[0] - n])
+        sae_out = (parts[0] + self.b_dec) / self.norm_factor
 
         sel = slice(None) if rows is None else rows
         x_sel, out_sel, acts_sel = x[sel], sae_out[sel], top_acts[sel]
 
-        err = x_sel - out_sel
+        # summed squared errors as one fused loss (and one fused backward)
         total_variance = (x_sel - x_sel.mean(0)).pow(2).sum()
-        fvu_ = err.pow(2).sum() / total_variance
+        fvu_ = F.mse_loss(out_sel, x_sel, reduction="sum") / total_variance
 
         if len(codes) > 1:
             # No decoder bias here: the dead latents model the residual, which has no offset.
-            err_hat = decoded[n:] / self.norm_factor
-            auxk_loss = scale * (err_hat - err.detach()).pow(2).sum() / total_variance
+            err_hat = parts[1] / self.norm_factor
+            err = x_sel - out_sel.detach()
+            auxk_loss = scale * F.mse_loss(err_hat, err, reduction="sum") / total_variance
         else:
             auxk_loss = fvu_.new_zeros(())
 
