@@ -92,9 +92,7 @@ class Pattern:
             # into an output of ours: `g @ dense` fills a zeroed temporary and copies it over,
             # two extra passes over `[d_sae, d]` that cost more than the product at large
             # sizes; a spare buffer also saves the page faults of a fresh one
-            shape = (self.d_sae, dense.shape[1])
-            if not _fits(out, shape, dense):
-                out = dense.new_empty(shape)
+            out = reuse(out, (self.d_sae, dense.shape[1]), dense)
             return torch.addmm(out, g, dense, beta=0, out=out)
 
     def gather_dots(self, dense: Tensor, rows: Tensor) -> Tensor:
@@ -126,15 +124,6 @@ class Pattern:
             crow[1:] = torch.bincount(latent, minlength=self.d_sae).cumsum(0)
             self._csr = (crow, self.bag.index_select(0, order), order)
         return self._csr
-
-
-def _fits(buf: Tensor | None, shape: tuple[int, ...], like: Tensor) -> bool:
-    return (
-        buf is not None
-        and buf.shape == shape
-        and buf.is_contiguous()
-        and (buf.device, buf.dtype) == (like.device, like.dtype)
-    )
 
 
 def _csr_kernels(t: Tensor) -> bool:
@@ -199,8 +188,10 @@ def top_among(pre: Tensor, columns: Tensor, j: int) -> Tensor:
 
 
 def reuse(buf: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """`buf` while it has `shape` and `like`'s device and dtype, else a new empty tensor."""
-    if buf is None or buf.shape != shape or (buf.device, buf.dtype) != (like.device, like.dtype):
+    """`buf` while it is contiguous with `shape` and `like`'s device and dtype, else a new
+    empty tensor."""
+    same_kind = buf is not None and (buf.device, buf.dtype) == (like.device, like.dtype)
+    if not same_kind or buf.shape != shape or not buf.is_contiguous():
         return torch.empty(shape, device=like.device, dtype=like.dtype)
     return buf
 
