@@ -6,7 +6,8 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import save_file
-from vlmdiff.sae.topk import SAEFormatError, TopKSAE
+from vlmdiff.sae.folder import SAEFormatError
+from vlmdiff.sae.topk import TopKSAE
 from vlmdiff.sources.llama_scope import convert_llama_scope, load_llama_scope, release_layer_folder
 
 D_MODEL, D_SAE, LAYER = 16, 64, 3

@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from vlmdiff.sae.topk import SAEFormatError, TopKSAE, estimate_norm_factor, fvu, l0
+from vlmdiff.sae.folder import SAEFormatError
+from vlmdiff.sae.topk import TopKSAE, estimate_norm_factor, fvu, l0
 
 D_MODEL, D_SAE, K = 16, 64, 5
 

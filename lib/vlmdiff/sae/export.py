@@ -24,7 +24,8 @@ from torch import Tensor
 
 from vlmdiff.files import atomic_dir
 from vlmdiff.logs import Log
-from vlmdiff.sae.topk import TopKSAE, resid_post_layer
+from vlmdiff.sae.folder import resid_post_layer
+from vlmdiff.sae.topk import TopKSAE
 
 SAELENS_CONFIG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"

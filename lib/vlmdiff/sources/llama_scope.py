@@ -35,15 +35,15 @@ from typing import Any
 import torch
 
 from vlmdiff.files import read_json_object
-from vlmdiff.sae.topk import (
+from vlmdiff.sae.folder import (
     HYPERPARAMS_FILE,
     LAYOUT_KEYS,
     WEIGHTS_FILE,
     SAEFormatError,
-    TopKSAE,
-    _read_tensors,
+    read_tensors,
     resid_post_layer,
 )
+from vlmdiff.sae.topk import TopKSAE
 
 """Hook points our caches hold: `blocks.L.hook_resid_post` is the output of decoder block L."""
 
@@ -196,7 +196,7 @@ def load_llama_scope(
     if not is_release_format(raw):
         return TopKSAE.load(folder, device=device, k=k, dtype=dtype)
     d_model, d_sae = _positive_int(raw, "d_model", hp_path), _positive_int(raw, "d_sae", hp_path)
-    tensors = _read_tensors(folder / WEIGHTS_FILE, d_model, d_sae)
+    tensors = read_tensors(folder / WEIGHTS_FILE, d_model, d_sae)
     sae = convert_release(raw, tensors, hp_path, k=k, hook_point=hook_point, dtype=dtype)
     return sae.to(device)
 
