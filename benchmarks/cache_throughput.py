@@ -179,7 +179,8 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
         "overhead_vs_inference_loop": best["seconds"] / min(loop_s) - 1,
         "overhead_vs_inference_loop_paired_median": float(np.median(paired_loop)) - 1,
         "hooks": hooks,
-        # encode runs on a thread beside the forward pass; `encode` is the wait for it
+        # on a GPU encoding runs on a thread beside the forward pass and `encode` is the wait
+        # for it; on a CPU it runs in turn with the forward pass
         "write_cache_phases_s": phases,
         "encode_runs_s": encode_s,
         "bare_forward_runs_s": bare_s,

@@ -34,12 +34,28 @@ LAYOUT_KEYS = frozenset(
         "expansion_factor",
     }
 )
-# Keys of a Llama-Scope hyperparams.json that loading interprets; the rest pass into `extra`.
-_READ_KEYS = LAYOUT_KEYS | {"jump_relu_threshold"}
+# Keys of a hyperparams.json (ours or a Llama-Scope release's) that loading interprets; the
+# rest pass into `extra`.
+READ_KEYS = LAYOUT_KEYS | {"jump_relu_threshold"}
 
 
 class SAEFormatError(ValueError):
     """An SAE folder whose hyperparams or tensors do not fit the expected layout."""
+
+
+def required(raw: dict[str, Any], key: str, source: Path) -> Any:
+    """`raw[key]`, or an error naming the file and the key."""
+    if key not in raw:
+        raise SAEFormatError(f"{source}: key {key!r} is missing")
+    return raw[key]
+
+
+def positive_int(raw: dict[str, Any], key: str, source: Path) -> int:
+    """`raw[key]` as a positive integer, or an error naming the file and the key."""
+    value = required(raw, key, source)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise SAEFormatError(f"{source}: {key!r} must be a positive integer, got {value!r}")
+    return value
 
 
 @dataclass
@@ -62,55 +78,26 @@ def parse_hyperparams(raw: dict[str, Any], source: Path, *, k: int | None = None
     `k` (or its stored `top_k`), dropping the JumpReLU threshold, and with
     `sparsity_include_decoder_norm` the decoder column norms are folded into the encoder.
     """
+    d_model, d_sae = positive_int(raw, "d_model", source), positive_int(raw, "d_sae", source)
 
-    def get(key: str) -> Any:
-        if key not in raw:
-            raise SAEFormatError(f"{source}: key {key!r} is missing")
-        return raw[key]
-
-    def positive_int(key: str) -> int:
-        value = get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise SAEFormatError(f"{source}: {key!r} must be a positive integer, got {value!r}")
-        return value
-
-    d_model, d_sae = positive_int("d_model"), positive_int("d_sae")
-
-    act_fn = get("act_fn")
+    act_fn = required(raw, "act_fn", source)
     if act_fn not in ("topk", "jumprelu"):
         raise SAEFormatError(f"{source}: act_fn {act_fn!r} is not supported (topk, jumprelu)")
     if k is None:
         if "top_k" not in raw:
             raise SAEFormatError(f"{source}: key 'top_k' is missing; pass k= to choose one")
-        k = positive_int("top_k")
+        k = positive_int(raw, "top_k", source)
     if not 0 < k <= d_sae:
         raise SAEFormatError(f"{source}: k={k} is outside [1, d_sae={d_sae}]")
 
-    norm = raw.get("norm_activation", "none")
-    if norm == "dataset-wise":
-        norms = get("dataset_average_activation_norm")
-        try:
-            n_in, n_out = float(norms["in"]), float(norms["out"])
-        except (TypeError, KeyError, ValueError) as e:
-            raise SAEFormatError(
-                f"{source}: 'dataset_average_activation_norm' needs numbers 'in' and 'out', "
-                f"got {norms!r}"
-            ) from e
-        if not (n_in > 0 and math.isfinite(n_in)):
-            raise SAEFormatError(f"{source}: dataset_average_activation_norm.in={n_in}")
-        # One scalar serves both sides; true for resid_post -> resid_post SAEs.
-        if not math.isclose(n_in, n_out, rel_tol=1e-5):
-            raise SAEFormatError(
-                f"{source}: dataset_average_activation_norm in={n_in} != out={n_out}; "
-                "SAEs with different input and output norms are not supported"
-            )
-        norm_factor = math.sqrt(d_model) / n_in
-    elif norm == "none":
-        norm_factor = 1.0
-    else:
+    n_in, n_out = dataset_norms(raw, source, d_model)
+    # One scalar serves both sides; true for resid_post -> resid_post SAEs.
+    if not math.isclose(n_in, n_out, rel_tol=1e-5):
         raise SAEFormatError(
-            f"{source}: norm_activation {norm!r} is not supported (dataset-wise, none)"
+            f"{source}: dataset_average_activation_norm in={n_in} != out={n_out}; "
+            "SAEs with different input and output norms are not supported"
         )
+    norm_factor = math.sqrt(d_model) / n_in  # 1.0 without normalisation
 
     if raw.get("apply_decoder_bias_to_pre_encoder", False):
         raise SAEFormatError(f"{source}: apply_decoder_bias_to_pre_encoder=true is not supported")
@@ -128,8 +115,31 @@ def parse_hyperparams(raw: dict[str, Any], source: Path, *, k: int | None = None
         norm_factor=norm_factor,
         hook_point=hook_in,
         fold_decoder_norm=bool(raw.get("sparsity_include_decoder_norm", False)),
-        extra={key: v for key, v in raw.items() if key not in _READ_KEYS},
+        extra={key: v for key, v in raw.items() if key not in READ_KEYS},
     )
+
+
+def dataset_norms(raw: dict[str, Any], source: Path, d_model: int) -> tuple[float, float]:
+    """The (in, out) dataset-average activation norms; sqrt(d_model) without normalisation."""
+    norm = raw.get("norm_activation", "none")
+    if norm == "none":
+        return math.sqrt(d_model), math.sqrt(d_model)
+    if norm != "dataset-wise":
+        raise SAEFormatError(
+            f"{source}: norm_activation {norm!r} is not supported (dataset-wise, none)"
+        )
+    norms = required(raw, "dataset_average_activation_norm", source)
+    try:
+        n_in, n_out = float(norms["in"]), float(norms["out"])
+    except (TypeError, KeyError, ValueError) as e:
+        raise SAEFormatError(
+            f"{source}: 'dataset_average_activation_norm' needs numbers 'in' and 'out', "
+            f"got {norms!r}"
+        ) from e
+    for name, value in (("in", n_in), ("out", n_out)):
+        if not (value > 0 and math.isfinite(value)):
+            raise SAEFormatError(f"{source}: dataset_average_activation_norm.{name}={value}")
+    return n_in, n_out
 
 
 def read_tensors(path: Path, d_model: int, d_sae: int) -> dict[str, Tensor]:

@@ -250,7 +250,7 @@ class TopKSAE(nn.Module):
         # column-wise dots as a batch of tiny products: no `[d_model, d_sae]` temporary
         grad, w = self.W_dec.grad, self.W_dec
         parallel = torch.bmm(grad.T.unsqueeze(1), w.T.unsqueeze(2)).view(1, -1)
-        self.W_dec.grad.addcmul_(parallel, self.W_dec, value=-1)
+        grad.addcmul_(parallel, w, value=-1)
 
     def save(
         self,

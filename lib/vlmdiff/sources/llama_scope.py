@@ -37,19 +37,17 @@ import torch
 from vlmdiff.files import read_json_object
 from vlmdiff.sae.folder import (
     HYPERPARAMS_FILE,
-    LAYOUT_KEYS,
+    READ_KEYS,
     WEIGHTS_FILE,
     SAEFormatError,
+    dataset_norms,
+    positive_int,
     read_tensors,
     resid_post_layer,
 )
 from vlmdiff.sae.topk import TopKSAE
 
 """Hook points our caches hold: `blocks.L.hook_resid_post` is the output of decoder block L."""
-
-# Release fields the conversion interprets; every other field passes into `TopKSAE.extra`.
-_RELEASE_KEYS = LAYOUT_KEYS | {"jump_relu_threshold"}
-
 
 def cache_key(layer: int) -> str:
     """Name of the activation-cache array holding the output of decoder block `layer`."""
@@ -92,39 +90,6 @@ def check_hook_points(raw: dict[str, Any], source: Path, layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
-def _positive_int(raw: dict[str, Any], key: str, source: Path) -> int:
-    """`raw[key]` as a positive integer, or an error naming the file and key."""
-    if key not in raw:
-        raise SAEFormatError(f"{source}: key {key!r} is missing")
-    value = raw[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise SAEFormatError(f"{source}: {key!r} must be a positive integer, got {value!r}")
-    return value
-
-
-def _dataset_norms(raw: dict[str, Any], source: Path, d_model: int) -> tuple[float, float]:
-    """The release's (in, out) dataset-average activation norms; sqrt(d_model) without norm."""
-    norm = raw.get("norm_activation", "none")
-    if norm == "none":
-        return math.sqrt(d_model), math.sqrt(d_model)
-    if norm != "dataset-wise":
-        raise SAEFormatError(
-            f"{source}: norm_activation {norm!r} is not supported (dataset-wise, none)"
-        )
-    norms = raw.get("dataset_average_activation_norm")
-    try:
-        n_in, n_out = float(norms["in"]), float(norms["out"])  # type: ignore[index]
-    except (TypeError, KeyError, ValueError) as e:
-        raise SAEFormatError(
-            f"{source}: 'dataset_average_activation_norm' needs numbers 'in' and 'out', "
-            f"got {norms!r}"
-        ) from e
-    for name, value in (("in", n_in), ("out", n_out)):
-        if not (value > 0 and math.isfinite(value)):
-            raise SAEFormatError(f"{source}: dataset_average_activation_norm.{name}={value}")
-    return n_in, n_out
-
-
 def convert_release(
     raw: dict[str, Any],
     tensors: dict[str, torch.Tensor],
@@ -135,7 +100,7 @@ def convert_release(
     dtype: torch.dtype = torch.float32,
 ) -> TopKSAE:
     """Fold a release's normalisation and decoder norms into an equivalent `TopKSAE`."""
-    d_model, d_sae = _positive_int(raw, "d_model", source), _positive_int(raw, "d_sae", source)
+    d_model, d_sae = positive_int(raw, "d_model", source), positive_int(raw, "d_sae", source)
     if raw.get("act_fn") != "jumprelu":
         raise SAEFormatError(f"{source}: act_fn {raw.get('act_fn')!r}, expected 'jumprelu'")
     threshold = raw.get("jump_relu_threshold", 0.0)
@@ -143,7 +108,7 @@ def convert_release(
         raise SAEFormatError(f"{source}: jump_relu_threshold must be >= 0, got {threshold!r}")
     if not 0 < k <= d_sae:
         raise SAEFormatError(f"{source}: k={k} is outside [1, d_sae={d_sae}]")
-    n_in, n_out = _dataset_norms(raw, source, d_model)
+    n_in, n_out = dataset_norms(raw, source, d_model)
     s_in = math.sqrt(d_model) / n_in
     r = n_out / n_in  # = s_in / s_out
 
@@ -170,7 +135,7 @@ def convert_release(
         sae.W_dec.copy_(w_dec / col_norm)
         sae.b_dec.copy_(b_dec * r)
     sae.extra = {
-        **{key: v for key, v in raw.items() if key not in _RELEASE_KEYS},
+        **{key: v for key, v in raw.items() if key not in READ_KEYS},
         "layer": resid_post_layer(hook_point),
         "source_format": "llama-scope",
         "release_top_k": raw.get("top_k"),
@@ -195,7 +160,7 @@ def load_llama_scope(
     hook_point = check_hook_points(raw, hp_path, layer)
     if not is_release_format(raw):
         return TopKSAE.load(folder, device=device, k=k, dtype=dtype)
-    d_model, d_sae = _positive_int(raw, "d_model", hp_path), _positive_int(raw, "d_sae", hp_path)
+    d_model, d_sae = positive_int(raw, "d_model", hp_path), positive_int(raw, "d_sae", hp_path)
     tensors = read_tensors(folder / WEIGHTS_FILE, d_model, d_sae)
     sae = convert_release(raw, tensors, hp_path, k=k, hook_point=hook_point, dtype=dtype)
     return sae.to(device)
